@@ -1,0 +1,1 @@
+"""zeroquant: data-free quantization of BatchNorm CNNs to integer ONNX models."""

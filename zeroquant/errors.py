@@ -1,0 +1,45 @@
+"""User-facing errors. Each class is one documented failure class with its own exit code (see README)."""
+
+
+class ZeroQuantError(Exception):
+    """An expected failure: the CLI prints its one-line message and exits with `exit_code`."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(ZeroQuantError):
+    """An option value or combination that cannot work (bad bit-width, impossible budget, bad shape)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(ZeroQuantError):
+    """The model file is missing, unreadable, of an unsupported kind, or does not match its architecture."""
+
+    exit_code = 3
+
+
+class UnsupportedModelError(ZeroQuantError):
+    """The model loads but cannot be quantized data-free (no BatchNorm, non-finite weights, rejected input)."""
+
+    exit_code = 4
+
+
+class VerificationError(ZeroQuantError):
+    """The exported ONNX model failed a check (checker, onnxruntime session, parity); nothing was written."""
+
+    exit_code = 5
+
+
+class OutputError(ZeroQuantError):
+    """The output could not be written (missing or read-only folder, disk full)."""
+
+    exit_code = 6

@@ -1,0 +1,1 @@
+"""The model zoo (models.yaml) and loading of user model files."""

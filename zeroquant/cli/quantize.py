@@ -1,0 +1,125 @@
+"""`zeroquant quantize` and `zeroquant distill`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from zeroquant.cli.app import app
+from zeroquant.cli.output import key_value_table, parse_shape, print_json, stdout
+from zeroquant.progress import progress_bar
+
+DEFAULT_MODEL = "zoo:efficientnet_lite0"
+MODEL_HELP = ("torch.export archive, checkpoint/state_dict (with --arch), zoo:NAME, or a pickled module "
+              "(with --trust-pickle)")
+
+
+def _load(model: str, arch, weights, trust_pickle):
+    from zeroquant.zoo.loading import load_model
+
+    return load_model(model, arch=arch, weights=weights, trust_pickle=trust_pickle)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    output: Path = typer.Option(None, "-o", "--output", help="ONNX file to write (default: NAME-w8a8.onnx)."),
+    arch: str = typer.Option(None, "--arch", help="Zoo architecture for a state_dict/checkpoint file."),
+    weights: str = typer.Option(None, "--weights", help="Weights file for a zoo:NAME model."),
+    input_shape: str = typer.Option(None, "--input-shape", help="C,H,W when the model does not say."),
+    wbits: int = typer.Option(8, "--wbits", help="Weight bits."),
+    abits: int = typer.Option(8, "--abits", help="Activation bits."),
+    method: str = typer.Option("zeroq", "--method", help="Calibration images: zeroq or noise."),
+    ranges: str = typer.Option("mse", "--ranges", help="Activation range method: mse, percentile or minmax."),
+    images: int = typer.Option(32, "--images", help="Number of distilled images."),
+    iterations: int = typer.Option(None, "--iterations", help="Distillation steps (default depends on input size)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Distillation batch size."),
+    lr: float = typer.Option(0.2, "--lr", help="Distillation learning rate."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same ONNX bytes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Distil again even if a cached set exists."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code)."),
+    float_output: Path = typer.Option(None, "--float-output", help="Also write the float32 ONNX model here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Quantize a trained CNN with no real data and write a verified integer ONNX model plus a JSON report."""
+    from zeroquant.pipeline import QuantizeOptions
+    from zeroquant.pipeline import quantize as run_quantize
+
+    options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, lr, seed, device,
+                              not full_range, not no_cache)
+    options.validate()
+    shape = parse_shape(input_shape)
+    loaded = _load(model, arch, weights, trust_pickle)
+    output = output or Path(f"{loaded.name}-w{wbits}a{abits}.onnx")
+    with progress_bar(False if json_out else None) as progress:
+        report = run_quantize(loaded, output, options, shape, progress, float_output)
+    if json_out:
+        print_json(report.to_dict())
+        return
+    census, parity, sizes = report.census, report.parity, report.sizes
+    stdout.print(key_value_table(f"zeroquant: {report.model}", [
+        ("output", f"{report.output} (+ .json report)"),
+        ("bits", f"W{wbits}A{abits}, {len(report.layers)} conv/linear layers"),
+        ("calibration", f"{report.distillation['images']} {report.distillation['method']} images"
+                        f"{' (cached)' if report.timings.get('distill_from_cache') else ''}"),
+        ("integer MACs", f"{100 * census['integer_mac_fraction']:.1f} % "
+                         f"({len(census['integer_layers'])}/{len(report.layers)} layers in integer kernels)"),
+        ("size", f"{sizes['onnx_bytes'] / 1e6:.2f} MB ({sizes['onnx_vs_float32_weights']:.2f}x the float32 weights)"),
+        ("parity", f"{parity['top1_agreement']:.1f} % top-1 agreement with the simulation, "
+                   f"max logit diff {parity['max_abs_logit_diff']:.3g}"),
+        ("float ops", ", ".join(report.float_ops) or "none"),
+        ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if not isinstance(v, bool))),
+    ]))
+
+
+@app.command()
+def distill(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for calib.pt (the images as a tensor)."),
+    arch: str = typer.Option(None, "--arch"),
+    weights: str = typer.Option(None, "--weights"),
+    input_shape: str = typer.Option(None, "--input-shape"),
+    method: str = typer.Option("zeroq", "--method"),
+    images: int = typer.Option(32, "--images"),
+    iterations: int = typer.Option(None, "--iterations"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(0.2, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Distil only the synthetic calibration set (cached, so a later quantize reuses it)."""
+    import io
+
+    import torch
+
+    from zeroquant.errors import UsageError
+    from zeroquant.export.onnx_export import write_atomic
+    from zeroquant.graph.capture import capture
+    from zeroquant.pipeline import QuantizeOptions
+    from zeroquant.pipeline import distill as run_distill
+
+    options = QuantizeOptions(method=method, num_images=images, batch_size=batch_size, iterations=iterations, lr=lr,
+                              seed=seed, device=device)
+    options.validate()
+    loaded = _load(model, arch, weights, trust_pickle)
+    shape = parse_shape(input_shape) or loaded.input_shape
+    if not shape:
+        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    captured = capture(loaded.module, shape)
+    with progress_bar(False if json_out else None) as progress:
+        calib, cached = run_distill(loaded, captured.graph_module, shape, options, progress)
+    output.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"images": calib.images, "method": calib.method, "settings": calib.settings}, buffer)
+    write_atomic(output / "calib.pt", buffer.getvalue())
+    summary = {"output": str(output / "calib.pt"), "images": len(calib.images), "method": calib.method,
+               "final_bn_loss": calib.final_loss, "from_cache": cached}
+    if json_out:
+        print_json(summary)
+    else:
+        stdout.print(key_value_table(f"zeroquant distill: {loaded.name}", [(k, str(v)) for k, v in summary.items()]))

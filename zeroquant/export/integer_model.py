@@ -1,0 +1,71 @@
+"""The integer model: the QuantSim with every fake-quant module swapped for its storage form (int8 weights, int32
+biases, uint8 Q/DQ pairs), written with the quantized_decomposed ops that torch.onnx lowers to QuantizeLinear /
+DequantizeLinear. torch.export of it therefore yields integer initializers directly, and onnxruntime fuses the
+DQ -> Conv -> Q patterns into QLinearConv.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.nn.functional as F
+from torch import nn
+
+from zeroquant.quant.quantizers import INT32_MAX, ActivationQuantizer, QuantizedLayer
+from zeroquant.quant.sim import QuantSim
+
+qd = torch.ops.quantized_decomposed
+
+
+class QuantizeDequantize(nn.Module):
+    """uint8 QuantizeLinear -> DequantizeLinear with the quantizer's scale and zero point (b-bit grid in uint8)."""
+
+    def __init__(self, quantizer: ActivationQuantizer):
+        super().__init__()
+        self.scale, self.zero_point, self.qmax = quantizer.scale, quantizer.zero_point, 2**quantizer.bits - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = qd.quantize_per_tensor(x, self.scale, self.zero_point, 0, self.qmax, torch.uint8)
+        return qd.dequantize_per_tensor(q, self.scale, self.zero_point, 0, self.qmax, torch.uint8)
+
+
+class IntegerLayer(nn.Module):
+    """conv2d/linear whose weights are an int8 tensor and whose bias is an int32 tensor, both dequantized per channel."""
+
+    def __init__(self, layer: QuantizedLayer):
+        super().__init__()
+        self.kind, self.conv_args, self.qmax = layer.kind, layer.conv_args, layer.qmax
+        self.register_buffer("weight", layer.integer_weight().to(torch.int8))
+        self.register_buffer("weight_scale", layer.weight_scale.clone())
+        self.register_buffer("zero_point", torch.zeros(len(layer.weight_scale), dtype=torch.int64))
+        if layer.input_scale is None:  # input not quantized: the bias stays float (this layer runs in float)
+            self.register_buffer("bias", layer.bias.detach().clone())
+            self.bias_scale = None
+        else:
+            bias_scale = layer.input_scale * layer.weight_scale
+            self.register_buffer("bias", (layer.quantized_bias / bias_scale).round().to(torch.int32))
+            self.register_buffer("bias_scale", bias_scale.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = qd.dequantize_per_channel(self.weight, self.weight_scale, self.zero_point, 0, -self.qmax, self.qmax,
+                                           torch.int8)
+        bias = self.bias
+        if self.bias_scale is not None:
+            bias = qd.dequantize_per_channel(bias, self.bias_scale, self.zero_point, 0, -INT32_MAX, INT32_MAX,
+                                             torch.int32)
+        if self.kind == "conv":
+            return F.conv2d(x, weight, bias, *self.conv_args)
+        return F.linear(x, weight, bias)
+
+
+def integer_model(sim: QuantSim) -> torch.fx.GraphModule:
+    """A copy of the simulation's graph in storage form, computing what the simulation computes."""
+    gm = copy.deepcopy(sim.graph_module)
+    for name, quantizer in sim.activations.items():
+        setattr(gm, name, QuantizeDequantize(quantizer) if quantizer.enabled else nn.Identity())
+    for name, layer in sim.layers.items():
+        if layer.enabled:
+            setattr(gm, name, IntegerLayer(layer))
+    return gm

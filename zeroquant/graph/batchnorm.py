@@ -1,0 +1,103 @@
+"""BatchNorm nodes: their running statistics drive distillation; afterwards they are folded into the conv before."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from zeroquant.graph.ops import Role, layer_name, role
+
+
+@dataclass
+class BatchNormStats:
+    """Running statistics of one BN layer, i.e. what the layer's *input* looked like on the training data."""
+
+    name: str
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def _attr(graph_module: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if node.op != "get_attr":
+        raise ValueError(f"expected a parameter, got node {node}")
+    value = graph_module
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value.detach()
+
+
+def batchnorm_nodes(graph_module: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in graph_module.graph.nodes if role(n) is Role.BATCHNORM]
+
+
+def _bn_params(graph_module, node):
+    """(weight, bias, running_mean, running_var, eps) of an aten.batch_norm node, with defaults for affine=False."""
+    x, weight, bias, mean, var = node.args[:5]
+    eps = float(node.args[7]) if len(node.args) > 7 else 1e-5
+    mean, var = _attr(graph_module, mean), _attr(graph_module, var)
+    weight = _attr(graph_module, weight)
+    bias = _attr(graph_module, bias)
+    weight = torch.ones_like(mean) if weight is None else weight
+    bias = torch.zeros_like(mean) if bias is None else bias
+    return weight, bias, mean, var, eps
+
+
+def batchnorm_stats(graph_module: torch.fx.GraphModule) -> list[BatchNormStats]:
+    stats = []
+    for node in batchnorm_nodes(graph_module):
+        _, _, mean, var, eps = _bn_params(graph_module, node)
+        stats.append(BatchNormStats(layer_name(node), mean.float(), torch.sqrt(var.float() + eps)))
+    return stats
+
+
+def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
+    """A copy with every BN that directly follows a conv/linear (its only user) folded into that layer's weights.
+
+    Returns the new module and how many BN layers could not be folded (they stay as float ops).
+    """
+    gm = copy.deepcopy(graph_module)
+    unfolded = 0
+    for node in batchnorm_nodes(gm):
+        producer = node.args[0]
+        if not (isinstance(producer, torch.fx.Node) and role(producer) is Role.WEIGHTED and len(producer.users) == 1):
+            unfolded += 1
+            continue
+        gamma, beta, mean, var, eps = _bn_params(gm, node)
+        scale = gamma / torch.sqrt(var + eps)
+        weight_node = producer.args[1]
+        bias_node = producer.args[2] if len(producer.args) > 2 else None
+        weight = _attr(gm, weight_node)
+        bias = _attr(gm, bias_node) if bias_node is not None else torch.zeros_like(mean)
+        folded_weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+        folded_bias = (bias - mean) * scale + beta
+        base = layer_name(producer).replace(".", "_")
+        with gm.graph.inserting_before(producer):
+            new_weight = _register(gm, f"{base}_weight", folded_weight)
+            new_bias = _register(gm, f"{base}_bias", folded_bias)
+        args = list(producer.args)
+        args[1] = new_weight
+        if len(args) > 2:
+            args[2] = new_bias
+        else:
+            args.append(new_bias)
+        producer.args = tuple(args)
+        node.replace_all_uses_with(producer)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, unfolded
+
+
+def _register(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> torch.fx.Node:
+    """Store a tensor as a new top-level parameter of the graph module and return a get_attr node for it."""
+    attr = name
+    suffix = 1
+    while hasattr(gm, attr):
+        attr, suffix = f"{name}_{suffix}", suffix + 1
+    gm.register_parameter(attr, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    return gm.graph.get_attr(attr)

@@ -1,0 +1,53 @@
+"""Capture any CNN as a torch.export graph, so every later pass works on aten ops, not on module class names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim
+
+from zeroquant.errors import UnsupportedModelError, UsageError
+
+
+@dataclass
+class CapturedModel:
+    graph_module: torch.fx.GraphModule
+    input_shape: tuple[int, int, int]
+
+
+def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> CapturedModel:
+    """torch.export the model with a dynamic batch dimension and return its graph as a GraphModule."""
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise UsageError(f"input shape must be C,H,W with positive sizes, got {input_shape}")
+    module = module.eval()
+    example = torch.randn(2, *input_shape)
+    try:
+        with torch.no_grad():
+            module(example)
+    except Exception as exc:  # the model's own code rejects the shape: say so in one line
+        raise UnsupportedModelError(
+            f"the model rejects input shape {','.join(map(str, input_shape))}: {_first_line(exc)}",
+            "pass the right --input-shape C,H,W",
+        ) from exc
+    try:
+        exported = torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+    except Exception as exc:
+        raise UnsupportedModelError(f"torch.export cannot capture the model: {_first_line(exc)}") from exc
+    graph_module = exported.module()
+    _drop_guards(graph_module)
+    return CapturedModel(graph_module, tuple(input_shape))
+
+
+def _drop_guards(graph_module: torch.fx.GraphModule) -> None:
+    """torch.export adds a shape-guard call; later passes rebuild the graph, and onnx export would trace it."""
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph_module.graph.erase_node(node)
+    graph_module.graph.lint()
+    graph_module.recompile()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,84 @@
+"""What each aten op means to the quantizer: a registry from op to role, instead of if-chains in the passes.
+
+Roles:
+- WEIGHTED: conv/linear; weights quantized per channel, bias to int32 (onnxruntime's QLinearConv/QGemm).
+- BATCHNORM: folded into the preceding WEIGHTED op when possible.
+- ACTIVATION: relu / relu6 (hardtanh 0..6); fused into the WEIGHTED or add before it, as onnxruntime folds
+  Relu/Clip into the following QuantizeLinear.
+- PASSTHROUGH: ops that only move, select or clamp values; their output reuses the input's quantizer (same scale
+  and zero point), which onnxruntime needs to run them on uint8 data.
+- Anything else (add, pooling, mul, hardswish, unknown ops): its output gets a quantizer of its own.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+aten = torch.ops.aten
+
+
+class Role(Enum):
+    WEIGHTED = "weighted"
+    BATCHNORM = "batchnorm"
+    ACTIVATION = "activation"
+    PASSTHROUGH = "passthrough"
+    COMPUTE = "compute"
+
+
+ROLES: dict[object, Role] = {
+    aten.conv2d.default: Role.WEIGHTED,
+    aten.linear.default: Role.WEIGHTED,
+    aten.batch_norm.default: Role.BATCHNORM,
+    aten.relu.default: Role.ACTIVATION,
+    aten.relu_.default: Role.ACTIVATION,
+    aten.hardtanh.default: Role.ACTIVATION,
+    aten.hardtanh_.default: Role.ACTIVATION,
+    aten.relu6.default: Role.ACTIVATION,
+}
+for _op in (
+    aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.slice.Tensor, aten.pad.default,
+    aten.constant_pad_nd.default, aten.max_pool2d.default, aten.dropout.default, aten.alias.default,
+    aten.clone.default, aten.contiguous.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+    aten.permute.default, aten.transpose.int, aten.detach.default, aten.dropout_.default,
+):
+    ROLES[_op] = Role.PASSTHROUGH
+
+# Ops whose meaning is known and that have integer kernels in onnxruntime; any other COMPUTE op is listed in the
+# report as running in float between a DequantizeLinear and a QuantizeLinear.
+INTEGER_COMPUTE = {
+    aten.add.Tensor, aten.add_.Tensor, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+    aten.mean.dim, aten.mul.Tensor, aten.cat.default, aten.sigmoid.default,
+}
+
+
+def role(node: torch.fx.Node) -> Role | None:
+    """The role of a call_function node; None for nodes that carry no float tensor (shapes, guards, constants)."""
+    if node.op != "call_function" or not is_float_tensor(node):
+        return None
+    return ROLES.get(node.target, Role.COMPUTE)
+
+
+def is_float_tensor(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def is_relu_like(node: torch.fx.Node) -> bool:
+    """relu, or a hardtanh/relu6 clamping at 0 from below: both vanish into a uint8 zero point of 0."""
+    if ROLES.get(node.target) is not Role.ACTIVATION:
+        return False
+    if node.target in (aten.hardtanh.default, aten.hardtanh_.default):
+        return float(node.args[1] if len(node.args) > 1 else -1.0) == 0.0
+    return True
+
+
+def layer_name(node: torch.fx.Node) -> str:
+    """The module path a node came from (e.g. 'layer1.0.conv1'), falling back to the node name."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return path
+    return node.name

@@ -1,0 +1,188 @@
+"""`zeroquant.quantize`: model in, verified integer ONNX file and report out, with no real data."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from zeroquant.calib import DISTILLERS, DistillSettings
+from zeroquant.calib import cache as calib_cache
+from zeroquant.errors import UnsupportedModelError, UsageError, VerificationError
+from zeroquant.export import verify
+from zeroquant.export.integer_model import integer_model
+from zeroquant.export.onnx_export import to_onnx, write_atomic
+from zeroquant.graph.batchnorm import batchnorm_nodes, fold_batchnorm
+from zeroquant.graph.capture import capture
+from zeroquant.quant.calibrate import calibrate
+from zeroquant.quant.ranges import RANGE_METHODS
+from zeroquant.quant.sim import QuantSim, build_quantsim
+from zeroquant.report import LayerReport, QuantizeReport
+from zeroquant.zoo.loading import LoadedModel
+
+MIN_PARITY_AGREEMENT = 95.0  # percent of top-1 predictions; below this the file is not written
+
+
+@dataclass
+class QuantizeOptions:
+    weight_bits: int = 8
+    activation_bits: int = 8
+    method: str = "zeroq"
+    range_method: str = "mse"
+    num_images: int = 32
+    batch_size: int = 32
+    iterations: int | None = None  # None: the method's measured default for this input size
+    lr: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    reduce_range: bool = True
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        for label, bits in (("--wbits", self.weight_bits), ("--abits", self.activation_bits)):
+            if not 2 <= bits <= 8:
+                raise UsageError(f"{label} {bits} is out of range", "zeroquant supports 2 to 8 bits")
+        if self.weight_bits != 8 or self.activation_bits != 8:
+            raise UsageError("only --wbits 8 --abits 8 is implemented so far", "low-bit PTQ is on the roadmap")
+        if self.method not in DISTILLERS:
+            raise UsageError(f"unknown --method '{self.method}'", f"choose one of {', '.join(DISTILLERS)}")
+        if self.range_method not in RANGE_METHODS:
+            raise UsageError(f"unknown --ranges '{self.range_method}'", f"choose one of {', '.join(RANGE_METHODS)}")
+        if self.num_images < 1 or self.batch_size < 1 or (self.iterations is not None and self.iterations < 1):
+            raise UsageError("--images, --batch-size and --iterations must be positive")
+
+
+def default_iterations(input_shape) -> int:
+    """Measured on this project's CPU budget: small inputs converge in 200 Adam steps; 224 px nets get fewer
+    steps on the same clock (the ZeroQ loss plateaus early there, see benchmarks/RESULTS.md)."""
+    return 200 if input_shape[1] * input_shape[2] <= 64 * 64 else 50
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available", "use --device auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device '{name}'", "choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def distill(loaded: LoadedModel, graph_module, input_shape, options: QuantizeOptions, progress=None):
+    """Distilled calibration images, from the cache when the same model and settings were distilled before."""
+    device = resolve_device(options.device)
+    settings = DistillSettings(options.num_images, options.batch_size,
+                               options.iterations or default_iterations(input_shape), options.lr, options.seed)
+    if options.method != "noise" and not batchnorm_nodes(graph_module):
+        raise UnsupportedModelError(
+            "the model has no BatchNorm layers, so there are no statistics to distill calibration images from",
+            "use --method noise (Gaussian-noise calibration)")
+    key = calib_cache.cache_key(loaded.digest, options.method, settings.key(), input_shape, device.type)
+    cached = calib_cache.load(key) if options.use_cache else None
+    if cached is not None:
+        return cached, True
+    torch.manual_seed(options.seed)
+    calib = DISTILLERS[options.method].distill(graph_module, input_shape, settings, device, progress)
+    if options.use_cache:
+        calib_cache.store(key, calib)
+    return calib, False
+
+
+def layer_macs(sim: QuantSim, input_shape) -> dict[str, int]:
+    """Multiply-accumulates of every conv/linear layer for one image."""
+    macs, hooks = {}, []
+    for name, layer in sim.layers.items():
+        hooks.append(layer.register_forward_hook(
+            lambda module, _, out, name=name: macs.__setitem__(name, out[0].numel() * module.macs_per_output)))
+    try:
+        with torch.no_grad():
+            sim(torch.zeros(1, *input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return macs
+
+
+def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions | None = None,
+             input_shape: tuple[int, int, int] | None = None, progress=None,
+             float_output: str | Path | None = None) -> QuantizeReport:
+    """Distil, calibrate, export and verify; write OUTPUT (.onnx) and OUTPUT.json only if every check passes.
+
+    float_output: also write the float32 model as ONNX (the reference for `zeroquant eval --reference`).
+    """
+    options = options or QuantizeOptions()
+    options.validate()
+    output = Path(output)
+    shape = tuple(input_shape or loaded.input_shape or ())
+    if not shape:
+        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    captured = capture(loaded.module, shape)
+    lap("capture")
+    calib, from_cache = distill(loaded, captured.graph_module, shape, options, progress)
+    lap("distill")
+    timings["distill_from_cache"] = from_cache
+    folded, unfolded_bn = fold_batchnorm(captured.graph_module)
+    sim = build_quantsim(folded, options.weight_bits, options.activation_bits, options.reduce_range)
+    calibrate(sim, calib.images, options.range_method)
+    lap("calibrate")
+    model = to_onnx(integer_model(sim), shape)
+    lap("export")
+    try:
+        verify.check(model)
+        check = verify.parity(model, sim, calib.images)
+    except Exception as exc:
+        raise VerificationError(f"the exported model failed verification: {exc}") from exc
+    if check.top1_agreement < MIN_PARITY_AGREEMENT:
+        raise VerificationError(
+            f"onnxruntime disagrees with the simulation on {100 - check.top1_agreement:.1f} % of the distilled "
+            f"images (max logit difference {check.max_abs_logit_diff:.3g}); nothing was written")
+    macs = layer_macs(sim, shape)
+    census = verify.census(model, {name: f"{name}.weight" for name in sim.layers}, macs)
+    lap("verify")
+    data = model.SerializeToString()
+    float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
+    notes = []
+    if unfolded_bn:
+        notes.append(f"{unfolded_bn} BatchNorm layer(s) do not follow a conv/linear and run in float")
+    if options.reduce_range:
+        notes.append("weights of non-depthwise layers use the 7-bit grid [-63, 63] inside int8 (reduce_range) so "
+                     "onnxruntime's u8s8 kernels cannot saturate on CPUs without VNNI; --full-range lifts this")
+    report = QuantizeReport(
+        model=loaded.name,
+        output=str(output),
+        settings=asdict(options) | {"input_shape": list(shape), "iterations": calib.settings.get("iterations")},
+        layers=[LayerReport(layer.name, layer.kind, layer.bits, layer.qmax, layer.is_depthwise, macs.get(name, 0),
+                            list(sim.activations[sim.layer_inputs[name]].range) if sim.layer_inputs.get(name) else None)
+                for name, layer in sim.layers.items()],
+        activation_ranges={name: [round(v, 6) for v in q.range] for name, q in sim.activations.items()},
+        float_ops=sim.float_ops,
+        sizes={"onnx_bytes": len(data), "float32_weight_bytes": float_bytes,
+               "onnx_vs_float32_weights": round(len(data) / float_bytes, 4)},
+        timings=timings,
+        parity=check.to_dict(),
+        census=census.to_dict(),
+        distillation={"method": calib.method, "images": len(calib.images), "final_bn_loss": calib.final_loss,
+                      "settings": calib.settings},
+        notes=notes,
+    )
+    write_atomic(output, data)
+    if float_output:
+        write_atomic(float_output, to_onnx(captured.graph_module, shape).SerializeToString())
+    timings["total"] = round(sum(v for k, v in timings.items() if k != "distill_from_cache"), 3)
+    try:
+        write_atomic(output.with_suffix(output.suffix + ".json"), report.to_json().encode())
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
+    return report

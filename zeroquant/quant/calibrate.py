@@ -1,0 +1,42 @@
+"""Post-training calibration of a QuantSim on (distilled) images: activation ranges, weight scales, int32 biases."""
+
+from __future__ import annotations
+
+import torch
+
+from zeroquant.errors import UsageError
+from zeroquant.quant.quantizers import symmetric_scales
+from zeroquant.quant.ranges import RANGE_METHODS, HistogramObserver
+from zeroquant.quant.sim import QuantSim
+
+
+def _forward_all(sim: QuantSim, images: torch.Tensor, batch_size: int) -> None:
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            sim(images[start : start + batch_size])
+
+
+def calibrate(sim: QuantSim, images: torch.Tensor, method: str = "mse", batch_size: int = 32) -> None:
+    """Observe float activations (two passes: range, then histogram), set every quantizer, then enable them all."""
+    if method not in RANGE_METHODS:
+        raise UsageError(f"unknown range method '{method}'", f"choose one of {', '.join(RANGE_METHODS)}")
+    sim.set_enabled(weights=False, activations=False)
+    observers = {name: HistogramObserver() for name in sim.activations}
+    for name, quantizer in sim.activations.items():
+        quantizer.observer = observers[name]
+    try:
+        _forward_all(sim, images, batch_size)
+        for obs in observers.values():
+            obs.start_histogram()
+        _forward_all(sim, images, batch_size)
+    finally:
+        for quantizer in sim.activations.values():
+            quantizer.observer = None
+    choose = RANGE_METHODS[method]
+    for name, quantizer in sim.activations.items():
+        quantizer.set_range(*choose(observers[name], quantizer.bits))
+    for name, layer in sim.layers.items():
+        feeding = sim.layer_inputs.get(name)
+        layer.input_scale = sim.activations[feeding].scale if feeding else None
+        layer.set_weight_scale(symmetric_scales(layer.channel_absmax(), layer.qmax))
+    sim.set_enabled(weights=True, activations=True)

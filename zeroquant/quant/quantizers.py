@@ -1,0 +1,128 @@
+"""Fake-quant modules that compute exactly what the exported ONNX file computes.
+
+Activations: per-tensor affine uint8 (values restricted to the b-bit grid), the QuantizeLinear/DequantizeLinear pair.
+Weights: per-output-channel symmetric int (zero point 0, as per-channel QLinearConv requires), bias rounded to the
+int32 grid of input_scale * weight_scale, as onnxruntime's integer kernels add it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT32_MAX = 2**31 - 1
+
+
+def activation_qparams(low: float, high: float, bits: int) -> tuple[float, int]:
+    """Scale and zero point of an asymmetric unsigned grid covering [low, high] (always including 0)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    levels = 2**bits - 1
+    scale = max((high - low) / levels, 1e-8)
+    zero_point = int(min(max(round(-low / scale), 0), levels))
+    return float(scale), zero_point
+
+
+def symmetric_scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-channel scales of a symmetric signed grid [-qmax, qmax] covering +-absmax."""
+    return (absmax / qmax).clamp_min(1e-10).float()
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor uint8 fake quantization; an observer may watch the float values during calibration."""
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        self.bits = bits
+        self.scale = 1.0
+        self.zero_point = 0
+        self.enabled = False
+        self.observer = None
+
+    def set_range(self, low: float, high: float) -> None:
+        self.scale, self.zero_point = activation_qparams(low, high, self.bits)
+
+    @property
+    def range(self) -> tuple[float, float]:
+        levels = 2**self.bits - 1
+        return (-self.zero_point * self.scale, (levels - self.zero_point) * self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+        if not self.enabled:
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 2**self.bits - 1)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={self.scale:.6g}, zero_point={self.zero_point}, enabled={self.enabled}"
+
+
+class QuantizedLayer(nn.Module):
+    """A conv2d or linear layer (BN already folded) with per-channel weight and int32 bias fake quantization."""
+
+    def __init__(self, name: str, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8,
+                 conv_args: tuple = (), reduce_range: bool = False):
+        super().__init__()
+        self.name = name
+        self.kind = kind
+        self.conv_args = conv_args  # stride, padding, dilation, groups
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().clone()
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.bits = bits
+        self.reduce_range = reduce_range and not self.is_depthwise
+        self.register_buffer("weight_scale", symmetric_scales(self.channel_absmax(), self.qmax))
+        self.register_buffer("quantized_bias", self.bias.detach().clone())
+        self.input_scale: float | None = None
+        self.enabled = False
+
+    def channel_absmax(self) -> torch.Tensor:
+        return self.weight.detach().abs().flatten(1).amax(1)
+
+    def set_weight_scale(self, scale: torch.Tensor) -> None:
+        self.weight_scale = scale.float().clamp_min(1e-10)
+        self.refresh_bias()
+
+    def refresh_bias(self) -> None:
+        """Round the bias to the int32 grid onnxruntime uses; needs the scale of this layer's input quantizer."""
+        if self.input_scale is None:
+            self.quantized_bias = self.bias.detach().clone()
+            return
+        step = self.input_scale * self.weight_scale
+        self.quantized_bias = (self.bias.detach() / step).round().clamp(-INT32_MAX, INT32_MAX) * step
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.kind == "conv" and self.conv_args[3] > 1 and self.weight.shape[1] == 1
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer weight. With reduce_range, at most 63: onnxruntime's u8s8 GEMM kernels on x86 CPUs without
+        VNNI add pairs of uint8*int8 products in int16 and saturate beyond 32767; 255*63*2 never does. Depthwise
+        convs use a kernel that accumulates in int32, so they keep the full grid."""
+        full = 2 ** (self.bits - 1) - 1
+        return min(full, 63) if self.reduce_range else full
+
+    def integer_weight(self) -> torch.Tensor:
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        return (self.weight.detach() / self.weight_scale.reshape(shape)).round().clamp(-self.qmax, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            zero = torch.zeros_like(self.weight_scale, dtype=torch.int32)
+            weight = torch.fake_quantize_per_channel_affine(self.weight, self.weight_scale, zero, 0, -self.qmax, self.qmax)
+            bias = self.quantized_bias
+        else:
+            weight, bias = self.weight, self.bias
+        if self.kind == "conv":
+            return F.conv2d(x, weight, bias, *self.conv_args)
+        return F.linear(x, weight, bias)
+
+    @property
+    def macs_per_output(self) -> int:
+        """Multiply-accumulates per output element (times output elements = the layer's MACs)."""
+        return self.weight[0].numel()
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} {tuple(self.weight.shape)}, bits={self.bits}, enabled={self.enabled}"

@@ -1,0 +1,159 @@
+"""Turn a BN-folded graph into a quantization simulation: QuantizedLayer for every conv/linear and an
+ActivationQuantizer on every tensor that onnxruntime should carry as uint8.
+
+The placement mirrors what onnxruntime fuses into integer kernels: DQ -> Conv -> (Relu) -> Q becomes QLinearConv,
+DQ,DQ -> Add -> (Relu) -> Q becomes QLinearAdd, and shape-only ops sit between Q/DQ pairs of one shared scale. The
+model's final output stays float (the last Gemm dequantizes into float logits).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from zeroquant.graph.ops import INTEGER_COMPUTE, Role, aten, is_float_tensor, is_relu_like, layer_name, role
+from zeroquant.quant.quantizers import ActivationQuantizer, QuantizedLayer
+
+FUSABLE_PRODUCERS = {aten.add.Tensor, aten.add_.Tensor}
+
+
+@dataclass
+class QuantSim:
+    graph_module: torch.fx.GraphModule
+    layers: dict[str, QuantizedLayer]
+    activations: dict[str, ActivationQuantizer]
+    float_ops: list[str] = field(default_factory=list)  # ops left in float (no integer kernel in onnxruntime)
+    layer_inputs: dict[str, str] = field(default_factory=dict)  # layer -> name of the quantizer feeding it
+
+    def set_enabled(self, weights: bool, activations: bool) -> None:
+        for layer in self.layers.values():
+            layer.enabled = weights
+        for quantizer in self.activations.values():
+            quantizer.enabled = activations
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(x)
+
+
+def _fuses_activation(node: torch.fx.Node) -> bool:
+    """True when the node's only user is a relu-like op that onnxruntime folds into the QuantizeLinear after it."""
+    users = list(node.users)
+    return len(users) == 1 and is_relu_like(users[0])
+
+
+def _module_name(base: str, taken) -> str:
+    name = base.replace(".", "_") or "layer"
+    candidate, index = name, 1
+    while candidate in taken:
+        candidate, index = f"{name}_{index}", index + 1
+    return candidate
+
+
+def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activation_bits: int = 8,
+                   reduce_range: bool = True) -> QuantSim:
+    gm = copy.deepcopy(folded)
+    graph = gm.graph
+    layers: dict[str, QuantizedLayer] = {}
+    activations: dict[str, ActivationQuantizer] = {}
+    quantizer_of: dict[torch.fx.Node, str] = {}
+    float_ops: list[str] = []
+    layer_inputs: dict[str, str] = {}
+    taken: set[str] = {name for name, _ in gm.named_children()}
+
+    def quantize_output(node: torch.fx.Node, shared: str | None = None) -> None:
+        if all(user.op == "output" for user in node.users):
+            return  # the model's output (logits) stays float
+        name = shared
+        if name is None:
+            name = _module_name(f"aq_{node.name}", taken)
+            taken.add(name)
+            activations[name] = ActivationQuantizer(activation_bits)
+            gm.add_submodule(name, activations[name])
+        with graph.inserting_after(node):
+            qnode = graph.call_module(name, (node,))
+        qnode.meta = dict(node.meta)
+        node.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+        quantizer_of[qnode] = name
+
+    def input_quantizer(node: torch.fx.Node) -> str | None:
+        source = node.args[0] if node.args else None
+        return quantizer_of.get(source) if isinstance(source, torch.fx.Node) else None
+
+    for node in list(graph.nodes):
+        if node.op == "placeholder":
+            if is_float_tensor(node):
+                quantize_output(node)
+            continue
+        node_role = role(node)
+        if node_role is None:
+            continue
+        if node_role is Role.WEIGHTED:
+            fused = _fuses_activation(node)
+            new = _replace_weighted(gm, node, weight_bits, reduce_range, layers, taken)
+            layer_inputs[new.target] = input_quantizer(new)
+            if not fused:
+                quantize_output(new)
+        elif node_role is Role.ACTIVATION and _fused_into(node.args[0], layers):
+            quantize_output(node)
+        elif node_role in (Role.PASSTHROUGH, Role.ACTIVATION):
+            quantize_output(node, shared=input_quantizer(node))
+        else:
+            if node.target in FUSABLE_PRODUCERS and _fuses_activation(node):
+                continue
+            if node.target not in INTEGER_COMPUTE:
+                float_ops.append(f"{node.name} ({node.target})")
+            quantize_output(node)
+    graph.eliminate_dead_code()
+    _delete_unused_attributes(gm)
+    graph.lint()
+    gm.recompile()
+    return QuantSim(gm, layers, activations, float_ops, layer_inputs)
+
+
+def _fused_into(producer, layers: dict) -> bool:
+    """Whether this activation's producer left its output unquantized because the activation fuses into it."""
+    if not isinstance(producer, torch.fx.Node) or len(producer.users) != 1:
+        return False
+    return (producer.op == "call_module" and producer.target in layers) or producer.target in FUSABLE_PRODUCERS
+
+
+def _get(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    if node is None:
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _replace_weighted(gm, node, bits, reduce_range, layers, taken) -> torch.fx.Node:
+    """Swap an aten conv2d/linear node for a QuantizedLayer module holding the same weights."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    x, weight_node, bias_node = args[:3]
+    weight, bias = _get(gm, weight_node), _get(gm, bias_node)
+    if node.target == aten.conv2d.default:
+        stride, padding, dilation, groups = (args[3] or 1), (args[4] or 0), (args[5] or 1), (args[6] or 1)
+        layer = QuantizedLayer(layer_name(node), "conv", weight, bias, bits, (stride, padding, dilation, groups),
+                               reduce_range)
+    else:
+        layer = QuantizedLayer(layer_name(node), "linear", weight, bias, bits, reduce_range=reduce_range)
+    name = _module_name(layer.name, taken)
+    taken.add(name)
+    gm.add_submodule(name, layer)
+    layers[name] = layer
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (x,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
+        if name not in used:
+            delattr(gm, name)
+    gm.delete_all_unused_submodules()

@@ -1,0 +1,42 @@
+"""The quantization report: plain dataclasses, written as JSON beside the ONNX file and shown as a rich table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    weight_bits: int
+    weight_qmax: int
+    depthwise: bool
+    macs: int
+    input_range: list[float] | None
+
+
+@dataclass
+class QuantizeReport:
+    model: str
+    output: str
+    settings: dict
+    layers: list[LayerReport]
+    activation_ranges: dict[str, list[float]]
+    float_ops: list[str]
+    sizes: dict[str, float]
+    timings: dict[str, float]
+    parity: dict
+    census: dict
+    distillation: dict
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self, with_timings: bool = True) -> dict:
+        data = asdict(self)
+        if not with_timings:
+            data.pop("timings")
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

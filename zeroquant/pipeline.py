@@ -22,7 +22,6 @@ from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.report import LayerReport, QuantizeReport
 from zeroquant.zoo.loading import LoadedModel
 
-MIN_PARITY_AGREEMENT = 95.0  # percent of top-1 predictions; below this the file is not written
 
 
 @dataclass
@@ -143,10 +142,11 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
         check = verify.parity(model, sim, calib.images)
     except Exception as exc:
         raise VerificationError(f"the exported model failed verification: {exc}") from exc
-    if check.top1_agreement < MIN_PARITY_AGREEMENT:
+    if check.diverged:
         raise VerificationError(
-            f"onnxruntime disagrees with the simulation on {100 - check.top1_agreement:.1f} % of the distilled "
-            f"images (max logit difference {check.max_abs_logit_diff:.3g}); nothing was written")
+            f"onnxruntime's integer model diverges from the simulation: max logit difference "
+            f"{check.max_abs_logit_diff:.3g} ({100 * check.relative_max_diff:.0f} % of the logit range), top-1 "
+            f"agreement {check.top1_agreement:.1f} % on the distilled images; nothing was written")
     macs = layer_macs(sim, shape)
     census = verify.census(model, {name: f"{name}.weight" for name in sim.layers}, macs)
     lap("verify")
@@ -176,13 +176,18 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
                       "settings": calib.settings},
         notes=notes,
     )
-    write_atomic(output, data)
+    files = [(output, data)]
     if float_output:
-        write_atomic(float_output, to_onnx(captured.graph_module, shape).SerializeToString())
+        files.append((Path(float_output), to_onnx(captured.graph_module, shape).SerializeToString()))
     timings["total"] = round(sum(v for k, v in timings.items() if k != "distill_from_cache"), 3)
-    try:
-        write_atomic(output.with_suffix(output.suffix + ".json"), report.to_json().encode())
+    files.append((output.with_suffix(output.suffix + ".json"), report.to_json().encode()))
+    written = []
+    try:  # all files or none: a failed or interrupted write removes the ones already written
+        for path, content in files:
+            write_atomic(path, content)
+            written.append(path)
     except BaseException:
-        output.unlink(missing_ok=True)
+        for path in written:
+            path.unlink(missing_ok=True)
         raise
     return report

@@ -3,21 +3,14 @@ code; tracebacks only with --debug (or ZEROQUANT_DEBUG=1)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
+import traceback
 
 import typer
+from typer.core import TyperGroup
 
-from zeroquant.errors import ZeroQuantError
-
-app = typer.Typer(
-    name="zeroquant",
-    help="Data-free quantization of BatchNorm CNNs into integer ONNX models for CPU inference.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+from zeroquant.errors import (ModelLoadError, OutputError, UnsupportedModelError, UsageError, VerificationError,
+                              ZeroQuantError)
 
 
 class Interrupted(ZeroQuantError):
@@ -26,35 +19,66 @@ class Interrupted(ZeroQuantError):
     exit_code = 130
 
 
+EXIT_CODES = (f"Exit codes: 0 success; 1 unexpected error (a bug: rerun with --debug); "
+              f"{UsageError.exit_code} bad option; {ModelLoadError.exit_code} model file cannot be loaded; "
+              f"{UnsupportedModelError.exit_code} model cannot be quantized data-free; "
+              f"{VerificationError.exit_code} exported model failed verification; "
+              f"{OutputError.exit_code} output cannot be written; {Interrupted.exit_code} interrupted.")
+
+
+class _Commands(TyperGroup):
+    """Carries Ctrl-C out of typer as Interrupted: typer would turn the KeyboardInterrupt into a silent exit 130.
+    Stages see a plain KeyboardInterrupt until here, which their `except Exception` cannot swallow."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise Interrupted("interrupted; no output was written") from exc
+
+
+app = typer.Typer(
+    name="zeroquant",
+    cls=_Commands,
+    help="Data-free quantization of BatchNorm CNNs into integer ONNX models for CPU inference.",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_debug = False
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")) -> None:
-    if debug:
-        os.environ["ZEROQUANT_DEBUG"] = "1"
-
-
-def _interrupt(signum, frame):
-    raise Interrupted("interrupted; no output was written")
+def _root(debug: bool = typer.Option(False, "--debug", envvar="ZEROQUANT_DEBUG",
+                                     help="Show Python tracebacks for errors.")) -> None:
+    global _debug
+    _debug = debug
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (usage errors: typer's message and code 2)."""
     from zeroquant.cli import evaluate, quantize, zoo  # noqa: F401  (each module adds its commands to `app`)
 
-    previous = signal.signal(signal.SIGINT, _interrupt)
+    global _debug
+    _debug = False
     try:
         app(args=argv, prog_name="zeroquant")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except ZeroQuantError as exc:
-        if os.environ.get("ZEROQUANT_DEBUG") == "1":
-            import traceback
-
-            traceback.print_exception(exc, file=sys.stderr)
-        print(f"zeroquant: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        return _fail(exc, str(exc), exc.exit_code)
+    except Exception as exc:  # a bug, but the user still gets one line, and the traceback with --debug
+        first = next(iter(str(exc).strip().splitlines()), "")
+        return _fail(exc, f"internal error: {type(exc).__name__}: {first} (a bug: please report it with --debug)", 1)
     return 0
+
+
+def _fail(exc: Exception, message: str, code: int) -> int:
+    if _debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"zeroquant: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 def run() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -36,3 +38,16 @@ def parse_shape(text: str | None) -> tuple[int, int, int] | None:
     if len(shape) != 3 or min(shape) < 1:
         raise UsageError(f"--input-shape must be C,H,W with positive integers, got '{text}'")
     return shape
+
+
+def check_writable(path: Path) -> None:
+    """Fail at once, not after minutes of distillation, when the folder of an output file cannot take it."""
+    from zeroquant.errors import OutputError
+
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"output folder does not exist: {folder}", "create it or choose another path")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror}", "choose a writable folder") from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from zeroquant.cli.app import app
-from zeroquant.cli.output import key_value_table, parse_shape, print_json, stdout
+from zeroquant.cli.output import check_writable, key_value_table, parse_shape, print_json, stdout
 from zeroquant.progress import progress_bar
 
 DEFAULT_MODEL = "zoo:efficientnet_lite0"
@@ -54,6 +54,9 @@ def quantize(
     shape = parse_shape(input_shape)
     loaded = _load(model, arch, weights, trust_pickle)
     output = output or Path(f"{loaded.name}-w{wbits}a{abits}.onnx")
+    for path in (output, float_output):
+        if path:
+            check_writable(path)
     with progress_bar(False if json_out else None) as progress:
         report = run_quantize(loaded, output, options, shape, progress, float_output)
     if json_out:

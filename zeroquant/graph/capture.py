@@ -26,6 +26,11 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
         with torch.no_grad():
             module(example)
     except Exception as exc:  # the model's own code rejects the shape: say so in one line
+        if _accepts_one_image(module, input_shape):
+            raise UnsupportedModelError(
+                "the model runs only on a batch of 1 image (e.g. torch.export'ed with a fixed batch size)",
+                "export it with an example batch of 2 and dynamic_shapes=({0: torch.export.Dim('batch')},)",
+            ) from exc
         raise UnsupportedModelError(
             f"the model rejects input shape {','.join(map(str, input_shape))}: {_first_line(exc)}",
             "pass the right --input-shape C,H,W",
@@ -37,6 +42,16 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
     graph_module = exported.module()
     _drop_guards(graph_module)
     return CapturedModel(graph_module, tuple(input_shape))
+
+
+def _accepts_one_image(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> bool:
+    """Calibration and export run batches: tell a batch-size limit apart from a wrong input shape."""
+    try:
+        with torch.no_grad():
+            module(torch.randn(1, *input_shape))
+    except Exception:
+        return False
+    return True
 
 
 def _drop_guards(graph_module: torch.fx.GraphModule) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import itertools
+import logging
 import pickle
 import re
 import zipfile
@@ -18,7 +19,8 @@ from zeroquant.errors import ModelLoadError, UnsupportedModelError, UsageError
 from zeroquant.zoo.architectures import ARCHITECTURES
 from zeroquant.zoo.registry import Preprocessing, ZooEntry, zoo_entries, zoo_entry
 
-_RESAVE_HINT = "re-save it with torch.export.save(torch.export.export(model.eval(), (example,)), path)"
+_RESAVE_HINT = ("re-save it with torch.export.save(torch.export.export(model.eval(), (torch.randn(2, C, H, W),), "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},)), path)")
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _SHOW = 3  # how many offending keys a mismatch message names
 
@@ -55,8 +57,14 @@ def load_model(
 
 
 def _load_file(path: Path, entry: ZooEntry | None, trust_pickle: bool) -> LoadedModel:
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a folder, not a model file", "pass the file itself")
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}", "check the path")
+    try:
+        path.open("rb").close()
+    except OSError as e:  # otherwise it would surface as "not a checkpoint" from torch.load
+        raise ModelLoadError(f"cannot open model file {path}: {e.strerror}", "check its permissions") from e
     kind = _zip_kind(path)
     if kind == "torchscript":
         raise ModelLoadError(f"{path} is a TorchScript archive, which zeroquant cannot read", _RESAVE_HINT)
@@ -85,7 +93,7 @@ def _zip_kind(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             members = {name.split("/", 1)[-1] for name in archive.namelist()}
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # a damaged directory (bad offsets, names that are not UTF-8): torch.load will say it
         return None
     if "archive_format" in members or any(m.startswith("models/") and m.endswith(".json") for m in members):
         return "export"
@@ -94,18 +102,43 @@ def _zip_kind(path: Path) -> str | None:
     return None
 
 
+class _Muted(logging.Filter):
+    """Keeps a logger off stderr, holding on to the exceptions it would have printed with their tracebacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            self.errors.append(record.exc_info[1])
+        return False
+
+
 def _from_export(path: Path) -> LoadedModel:
+    # torch.export.load logs the real cause of a failure (with a traceback) and then raises a vaguer error; and
+    # given a path, it warns unless the name ends in .pt2, so it gets an open file.
+    muted, logger = _Muted(), logging.getLogger("torch.export")
+    logger.addFilter(muted)
     try:
-        program = torch.export.load(path)
+        with path.open("rb") as f:
+            program = torch.export.load(f)
     except Exception as e:
-        raise ModelLoadError(f"cannot load torch.export archive {path}: {_one_line(e)}", _RESAVE_HINT) from e
+        cause = _one_line(muted.errors[0] if muted.errors else e)
+        raise ModelLoadError(f"cannot load torch.export archive {path}: {cause}", _RESAVE_HINT) from e
+    finally:
+        logger.removeFilter(muted)
     training = _training_nodes(program.graph)
     if training:
         raise UnsupportedModelError(
             f"{path} was exported in training mode (node {training[0]} uses batch statistics or dropout)",
             "call model.eval() before torch.export.export",
         )
-    return LoadedModel(program.module(), path.stem, _example_shape(program), None, program, _sha256(path))
+    module = program.module()
+    # module() makes train()/eval() raise; the graph is fixed in eval form (checked above), so the flag-only
+    # nn.Module versions are safe and let callers treat it like any other module.
+    del module.train, module.eval
+    return LoadedModel(module.eval(), path.stem, _example_shape(program), None, program, _sha256(path))
 
 
 def _training_nodes(graph: torch.fx.Graph) -> list[str]:
@@ -250,6 +283,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+def _one_line(error: BaseException) -> str:
+    """The first sentence of the first line: library errors go on to paragraphs of advice that is not ours."""
+    lines = str(error).strip().splitlines()
+    sentence = re.split(r"(?<=\.) ", lines[0])[0] if lines else ""
+    return f"{type(error).__name__}: {sentence}"[:200]

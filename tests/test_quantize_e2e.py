@@ -1,0 +1,82 @@
+"""End to end: distil, quantize, export, and run the ONNX file in a real onnxruntime session."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tests.conftest import SHARED, make_small_net
+from zeroquant.cli.app import main
+from zeroquant.evaluate.accuracy import onnx_session, predict_onnx
+from zeroquant.evaluate.datasets import dataset_for_zoo
+from zeroquant.pipeline import QuantizeOptions, quantize
+from zeroquant.zoo.loading import LoadedModel, load_model
+
+FAST = dict(num_images=8, batch_size=8, iterations=5)
+
+
+def loaded_small_net() -> LoadedModel:
+    return LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+
+
+def test_small_net_quantizes_to_integer_kernels(tmp_path):
+    out = tmp_path / "small.onnx"
+    report = quantize(loaded_small_net(), out, QuantizeOptions(**FAST), float_output=tmp_path / "fp32.onnx")
+    model = onnx.load(out)
+    onnx.checker.check_model(model)
+    weights = {i.name: i for i in model.graph.initializer if i.name.endswith(".weight")}
+    assert len(weights) == 5 and all(w.data_type == onnx.TensorProto.INT8 for w in weights.values())
+    assert report.census["integer_mac_fraction"] == 1.0, report.census
+    assert report.parity["top1_agreement"] >= 95
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("input", "tensor(float)", [3, 16, 16])
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16), dtype=np.float32)
+    quantized = session.run(None, {"input": x})[0]
+    reference = onnx_session(tmp_path / "fp32.onnx").run(None, {"input": x})[0]
+    assert quantized.shape == (3, 5)
+    assert np.abs(quantized - reference).max() < 0.25 * np.abs(reference).max()
+    written = json.loads((tmp_path / "small.onnx.json").read_text())
+    assert written["census"]["integer_layers"] == report.census["integer_layers"]
+    assert len(written["layers"]) == 5 and {layer["weight_qmax"] for layer in written["layers"]} == {63, 127}
+
+
+def test_same_seed_gives_same_bytes(tmp_path):
+    digests = []
+    for run in range(2):
+        out = tmp_path / f"run{run}.onnx"
+        quantize(loaded_small_net(), out, QuantizeOptions(**FAST, use_cache=False))
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+        report = json.loads((tmp_path / f"run{run}.onnx.json").read_text())
+        report.pop("timings"), report.pop("output")
+        digests.append(hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest())
+    assert digests[0] == digests[2] and digests[1] == digests[3]
+
+
+def test_cache_skips_distillation(tmp_path):
+    first = quantize(loaded_small_net(), tmp_path / "a.onnx", QuantizeOptions(**FAST, seed=3))
+    second = quantize(loaded_small_net(), tmp_path / "b.onnx", QuantizeOptions(**FAST, seed=3))
+    assert not first.timings["distill_from_cache"] and second.timings["distill_from_cache"]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+@pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="needs ../shared")
+def test_resnet20_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "r20.onnx"
+    code = main(["quantize", "zoo:resnet20_cifar10", "-o", str(out), "--float-output", str(tmp_path / "fp32.onnx"),
+                 "--iterations", "30", "--images", "16", "--batch-size", "16", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["census"]["integer_mac_fraction"] == 1.0
+    data = dataset_for_zoo("resnet20_cifar10", limit=500)
+    quantized = predict_onnx(onnx_session(out), data.images).argmax(1)
+    reference = predict_onnx(onnx_session(tmp_path / "fp32.onnx"), data.images).argmax(1)
+    fp32_top1, int8_top1 = (reference == data.labels).mean(), (quantized == data.labels).mean()
+    assert fp32_top1 > 0.75  # the real ResNet-20 on real CIFAR-10 photographs
+    assert int8_top1 >= fp32_top1 - 0.02, (int8_top1, fp32_top1)
+    assert (quantized == reference).mean() >= 0.95
+    assert out.stat().st_size < 0.35 * (tmp_path / "fp32.onnx").stat().st_size

@@ -19,15 +19,15 @@ def private_cache(tmp_path_factory):
 
 
 class SmallNet(nn.Module):
-    """A little of everything zeroquant must handle: conv-BN-ReLU, a residual add, a depthwise conv with ReLU6,
-    max and average pooling, flatten and a classifier."""
+    """A little of everything zeroquant must handle: conv-BN-ReLU, a residual add, "same" zero padding written as
+    its own op before a strided depthwise conv with ReLU6, max and average pooling, flatten and a classifier."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-        self.depthwise = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8),
-                                       nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(8, 8, 3, stride=2, groups=8, bias=False),
+                                       nn.BatchNorm2d(8), nn.ReLU6())
         self.pointwise = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         self.head = nn.Linear(16, 5)
 

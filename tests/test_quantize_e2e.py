@@ -31,6 +31,11 @@ def test_small_net_quantizes_to_integer_kernels(tmp_path):
     weights = {i.name: i for i in model.graph.initializer if i.name.endswith(".weight")}
     assert len(weights) == 5 and all(w.data_type == onnx.TensorProto.INT8 for w in weights.values())
     assert report.census["integer_mac_fraction"] == 1.0, report.census
+    # the zero Pad was folded into its conv and the global pool runs as an integer kernel: no float islands
+    assert {op for op in report.census["op_counts"]} <= {"QuantizeLinear", "QLinearConv", "QLinearAdd", "MaxPool",
+                                                         "QLinearGlobalAveragePool", "Reshape", "Flatten", "QGemm",
+                                                         "DequantizeLinear"}, report.census["op_counts"]
+    assert not any(n.op_type in ("Pad", "ReduceMean") for n in model.graph.node)
     assert report.parity["top1_agreement"] >= 95
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (inp,), (outp,) = session.get_inputs(), session.get_outputs()

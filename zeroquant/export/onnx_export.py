@@ -10,6 +10,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import helper, numpy_helper
 from torch.export import Dim
 
 from zeroquant.errors import OutputError
@@ -27,12 +28,97 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> onnx.
         program = torch.onnx.export(exported, dynamo=True, opset_version=OPSET, verbose=False)
     model = program.model_proto
     _strip_metadata(model)
+    fold_zero_pads(model)
+    global_pools(model)
     _rename_value(model, model.graph.input[0].name, INPUT_NAME)
     _rename_value(model, model.graph.output[0].name, OUTPUT_NAME)
     for value in (model.graph.input[0], model.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH
     model.producer_name, model.producer_version = "zeroquant", _version()
     return model
+
+
+def fold_zero_pads(model: onnx.ModelProto) -> None:
+    """Move spatial zero Pads ("same" padding written as a separate op) into the Conv after them.
+
+    The pad would otherwise run in float between a DequantizeLinear and a QuantizeLinear and split every depthwise
+    block into integer and float islands. Between the Pad and the Conv there may be a Q/DQ pair of the Pad's own
+    (shared) scale; padding with 0.0 and re-quantizing is exact, so the fold changes no value.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    removed = set()
+    for conv in [n for n in graph.node if n.op_type == "Conv"]:
+        chain, source = [], conv.input[0]
+        while source in producer and producer[source].op_type in ("DequantizeLinear", "QuantizeLinear"):
+            chain.append(producer[source])
+            source = producer[source].input[0]
+        pad = producer.get(source)
+        if pad is None or pad.op_type != "Pad" or len(chain) not in (0, 2):
+            continue
+        amounts = _spatial_zero_pads(pad, constants)
+        if amounts is None or any(len(consumers.get(n.output[0], [])) != 1 for n in [pad, *chain]):
+            continue
+        conv_pads = next((a for a in conv.attribute if a.name == "pads"), None)
+        current = list(conv_pads.ints) if conv_pads else [0, 0, 0, 0]
+        new_pads = [c + a for c, a in zip(current, amounts)]
+        if conv_pads:
+            conv.attribute.remove(conv_pads)
+        conv.attribute.append(helper.make_attribute("pads", new_pads))
+        conv.input[0] = pad.input[0]
+        removed.update(id(n) for n in [pad, *chain])
+    kept = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _drop_unused_initializers(graph)
+
+
+def global_pools(model: onnx.ModelProto) -> None:
+    """ReduceMean over H and W of an NCHW tensor (keepdims) becomes GlobalAveragePool, which onnxruntime runs as
+    QLinearGlobalAveragePool between Q/DQ; ReduceMean has no integer kernel and would run in float."""
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(graph.value_info) + list(graph.input)}
+    for node in graph.node:
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or node.input[1] not in constants:
+            continue
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        rank = ranks.get(node.input[0])
+        axes = sorted(int(a) % rank for a in constants[node.input[1]]) if rank else None
+        if keepdims != 1 or rank != 4 or axes != [2, 3]:
+            continue
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+    _drop_unused_initializers(graph)
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
+
+
+def _spatial_zero_pads(pad: onnx.NodeProto, constants: dict) -> list[int] | None:
+    """[top, left, bottom, right] of a constant-mode zero Pad on the H and W axes of an NCHW tensor, else None."""
+    mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+    if mode != "constant" or pad.input[1] not in constants:
+        return None
+    if len(pad.input) > 2 and pad.input[2]:
+        value = constants.get(pad.input[2])
+        if value is None or float(value) != 0.0:
+            return None
+    if len(pad.input) > 3 and pad.input[3]:
+        return None  # explicit axes: not the exporter's form
+    pads = [int(v) for v in constants[pad.input[1]]]
+    if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:
+        return None
+    return [pads[2], pads[3], pads[6], pads[7]]
 
 
 def _strip_metadata(model: onnx.ModelProto) -> None:

@@ -1,0 +1,124 @@
+"""onnxruntime CPU latency of ONNX models, measured interleaved so that load from other processes hits every model
+alike, and a census of the kernels onnxruntime really runs for any ONNX file (zeroquant's or not)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from zeroquant.errors import ModelLoadError, UsageError
+from zeroquant.export.verify import INTEGER_KERNELS, census
+
+FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "QLinearConv": 3,
+                "Gemm": 1, "MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "QGemm": 3}
+CONV_LIKE = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"}
+
+
+@dataclass
+class Latency:
+    path: str
+    runs: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    images_per_s: float  # batch / median
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kernel_census(path: str | Path) -> dict:
+    """verify.census for a file without zeroquant's layer names: every conv/gemm-like node whose weight is an
+    initializer (directly or through a DequantizeLinear) is a layer, named by that initializer.
+
+    MACs per image come from ONNX shape inference; a layer whose output shape is unknown counts its weight size.
+    Adds op-type counts of integer kernels and of float conv/gemm kernels in onnxruntime's optimised graph.
+    """
+    model = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.value_info) + list(inferred.output)}
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    macs = {}
+    for node in model.graph.node:
+        index = WEIGHT_INPUT.get(node.op_type, len(node.input))
+        weight = dequantized.get(node.input[index], node.input[index]) if index < len(node.input) else None
+        if weight not in sizes:  # no weight, or activation x activation
+            continue
+        out = shapes.get(node.output[0], [])
+        positions = out[2:] if node.op_type in CONV_LIKE else out[1:-1]
+        macs[weight] = sizes[weight] * int(np.prod([d or 1 for d in positions]))
+    result = census(model, {w: w for w in macs}, macs)
+    return result.to_dict() | {
+        "integer_kernels": {op: n for op, n in result.op_counts.items() if op in INTEGER_KERNELS},
+        "float_kernels": {op: n for op, n in result.op_counts.items() if op in FLOAT_KERNELS},
+    }
+
+
+def latency_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session whose idle intra-op workers sleep instead of spinning: spinning workers of one session would
+    steal the cores the next interleaved session runs on (measured: +28 % on ResNet-20 with 2 threads)."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"ONNX model not found: {path}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own (unexported) exception types
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
+
+
+def random_feed(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    """Gaussian noise for a model with one float input of static shape apart from (possibly) the batch."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+        raise UsageError(f"bench needs one float input, the model has {', '.join(i.type for i in inputs)}")
+    name, shape = inputs[0].name, inputs[0].shape
+    if not all(isinstance(d, int) for d in shape[1:]):
+        raise UsageError(f"input '{name}' has symbolic dimensions {shape}; bench needs a static image size")
+    if isinstance(shape[0], int) and shape[0] != batch:
+        raise UsageError(f"input '{name}' has a fixed batch of {shape[0]}", f"pass --batch {shape[0]}")
+    return {name: np.random.default_rng(0).standard_normal((batch, *shape[1:]), dtype=np.float32)}
+
+
+def measure(paths: list[str | Path], batch: int = 1, threads: int | None = None, runs: int | None = None,
+            warmup: int = 5, seconds: float = 10.0, progress=None) -> list[Latency]:
+    """Time every model run by run in rounds (the starting model rotates), after `warmup` rounds.
+
+    runs=None picks enough rounds for about `seconds` of timing (30 to 1000), from the warm-up rounds' median.
+    """
+    sessions = [latency_session(p, threads) for p in paths]
+    feeds = [random_feed(s, batch) for s in sessions]
+
+    def one_round(k: int) -> np.ndarray:
+        elapsed = np.empty(len(sessions))
+        for j in range(len(sessions)):
+            i = (k + j) % len(sessions)
+            start = time.perf_counter()
+            sessions[i].run(None, feeds[i])
+            elapsed[i] = time.perf_counter() - start
+        return elapsed
+
+    warm = [one_round(k).sum() for k in range(max(warmup, 1))]
+    if runs is None:
+        runs = int(np.clip(seconds / np.median(warm), 30, 1000))
+    task = progress.add_task(f"latency ({len(paths)} models)", total=runs) if progress else None
+    times = []
+    for k in range(runs):
+        times.append(one_round(k))
+        if progress:
+            progress.advance(task)
+    ms = 1e3 * np.array(times)
+    return [Latency(str(p), runs, float(np.median(t)), float(np.percentile(t, 90)), float(t.mean()), float(t.min()),
+                    1e3 * batch / float(np.median(t))) for p, t in zip(paths, ms.T)]

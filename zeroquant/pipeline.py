@@ -16,8 +16,10 @@ from zeroquant.export.integer_model import integer_model
 from zeroquant.export.onnx_export import to_onnx, write_atomic
 from zeroquant.graph.batchnorm import batchnorm_nodes, fold_batchnorm
 from zeroquant.graph.capture import capture
+from zeroquant.quant.bias_correction import correct_biases
 from zeroquant.quant.calibrate import calibrate
 from zeroquant.quant.ranges import RANGE_METHODS
+from zeroquant.quant.reconstruct import EFFORTS, reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.report import LayerReport, QuantizeReport
 from zeroquant.zoo.loading import LoadedModel
@@ -38,13 +40,25 @@ class QuantizeOptions:
     device: str = "auto"
     reduce_range: bool = True
     use_cache: bool = True
+    layer_bits: dict[str, int] | None = None  # per-layer weight bits (mixed precision) over weight_bits
+    keep_first_last: int = 8  # bits of the first and last layer (weights and their inputs); 0 = no exception
+    reconstruct: str = "auto"  # block reconstruction: auto (below 8 bits), on, off
+    bias_correction: str = "auto"  # auto: on for networks with depthwise convs, where it measurably helps
+    effort: str = "default"
 
     def validate(self) -> None:
         for label, bits in (("--wbits", self.weight_bits), ("--abits", self.activation_bits)):
             if not 2 <= bits <= 8:
                 raise UsageError(f"{label} {bits} is out of range", "zeroquant supports 2 to 8 bits")
-        if self.weight_bits != 8 or self.activation_bits != 8:
-            raise UsageError("only --wbits 8 --abits 8 is implemented so far", "low-bit PTQ is on the roadmap")
+        if any(not 2 <= bits <= 8 for bits in (self.layer_bits or {}).values()):
+            raise UsageError("layer_bits must be 2 to 8 bits per layer")
+        if self.keep_first_last and not 2 <= self.keep_first_last <= 8:
+            raise UsageError(f"--keep-first-last {self.keep_first_last} is out of range", "0 (off) or 2 to 8 bits")
+        for flag, value in (("--reconstruct", self.reconstruct), ("--bias-correction", self.bias_correction)):
+            if value not in ("auto", "on", "off"):
+                raise UsageError(f"unknown {flag} '{value}'", "choose auto, on or off")
+        if self.effort not in EFFORTS:
+            raise UsageError(f"unknown --effort '{self.effort}'", f"choose one of {', '.join(EFFORTS)}")
         if self.method not in DISTILLERS:
             raise UsageError(f"unknown --method '{self.method}'", f"choose one of {', '.join(DISTILLERS)}")
         if self.range_method not in RANGE_METHODS:
@@ -89,6 +103,26 @@ def distill(loaded: LoadedModel, graph_module, input_shape, options: QuantizeOpt
     return calib, False
 
 
+def keep_first_last(sim: QuantSim, bits: int) -> None:
+    """The first and last layers (and the tensors they read) stay at `bits`: the image and the logits are where
+    low-bit noise costs the most accuracy for the least size."""
+    if not bits or not sim.layers:
+        return
+    names = list(sim.layers)
+    for name in {names[0], names[-1]}:
+        sim.layers[name].set_bits(max(bits, sim.layers[name].bits))
+        feeding = sim.layer_inputs.get(name)
+        if feeding:
+            sim.activations[feeding].bits = max(bits, sim.activations[feeding].bits)
+
+
+def _layer_report(sim: QuantSim, name: str, macs: int) -> LayerReport:
+    layer, feeding = sim.layers[name], sim.layer_inputs.get(name)
+    quantizer = sim.activations[feeding] if feeding else None
+    return LayerReport(layer.name, layer.kind, layer.bits, layer.qmax, layer.is_depthwise, macs,
+                       list(quantizer.range) if quantizer else None, quantizer.bits if quantizer else None)
+
+
 def layer_macs(sim: QuantSim, input_shape) -> dict[str, int]:
     """Multiply-accumulates of every conv/linear layer for one image."""
     macs, hooks = {}, []
@@ -106,10 +140,11 @@ def layer_macs(sim: QuantSim, input_shape) -> dict[str, int]:
 
 def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions | None = None,
              input_shape: tuple[int, int, int] | None = None, progress=None,
-             float_output: str | Path | None = None) -> QuantizeReport:
+             float_output: str | Path | None = None, notes: list[str] | None = None) -> QuantizeReport:
     """Distil, calibrate, export and verify; write OUTPUT (.onnx) and OUTPUT.json only if every check passes.
 
     float_output: also write the float32 model as ONNX (the reference for `zeroquant eval --reference`).
+    notes: added to the report's notes (e.g. how the mixed-precision bits were chosen).
     """
     options = options or QuantizeOptions()
     options.validate()
@@ -133,8 +168,23 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
     timings["distill_from_cache"] = from_cache
     folded, unfolded_bn = fold_batchnorm(captured.graph_module)
     sim = build_quantsim(folded, options.weight_bits, options.activation_bits, options.reduce_range)
+    for name, bits in (options.layer_bits or {}).items():
+        if name not in sim.layers:
+            raise UsageError(f"layer_bits names an unknown layer '{name}'", f"layers: {', '.join(sim.layers)}")
+        sim.layers[name].set_bits(bits)
+    keep_first_last(sim, options.keep_first_last)
     calibrate(sim, calib.images, options.range_method)
     lap("calibrate")
+    low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
+        q.bits < 8 for q in sim.activations.values())
+    has_depthwise = any(layer.is_depthwise for layer in sim.layers.values())
+    if options.bias_correction == "on" or (options.bias_correction == "auto" and has_depthwise):
+        correct_biases(sim, calib.images)
+        lap("bias_correction")
+    reconstruction = []
+    if options.reconstruct == "on" or (options.reconstruct == "auto" and low_bit):
+        reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress)
+        lap("reconstruct")
     model = to_onnx(integer_model(sim), shape)
     lap("export")
     try:
@@ -152,7 +202,10 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
     lap("verify")
     data = model.SerializeToString()
     float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
-    notes = []
+    notes = list(notes or [])
+    if options.keep_first_last and low_bit:
+        notes.append(f"the first and last layers and their inputs stay at {options.keep_first_last} bits "
+                     "(--keep-first-last 0 quantizes them like the rest)")
     if unfolded_bn:
         notes.append(f"{unfolded_bn} BatchNorm layer(s) do not follow a conv/linear and run in float")
     if options.reduce_range:
@@ -162,9 +215,7 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
         model=loaded.name,
         output=str(output),
         settings=asdict(options) | {"input_shape": list(shape), "iterations": calib.settings.get("iterations")},
-        layers=[LayerReport(layer.name, layer.kind, layer.bits, layer.qmax, layer.is_depthwise, macs.get(name, 0),
-                            list(sim.activations[sim.layer_inputs[name]].range) if sim.layer_inputs.get(name) else None)
-                for name, layer in sim.layers.items()],
+        layers=[_layer_report(sim, name, macs.get(name, 0)) for name in sim.layers],
         activation_ranges={name: [round(v, 6) for v in q.range] for name, q in sim.activations.items()},
         float_ops=sim.float_ops,
         sizes={"onnx_bytes": len(data), "float32_weight_bytes": float_bytes,
@@ -174,6 +225,7 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
         census=census.to_dict(),
         distillation={"method": calib.method, "images": len(calib.images), "final_bn_loss": calib.final_loss,
                       "settings": calib.settings},
+        reconstruction=reconstruction,
         notes=notes,
     )
     files = [(output, data)]

@@ -15,6 +15,7 @@ class LayerReport:
     depthwise: bool
     macs: int
     input_range: list[float] | None
+    input_bits: int | None
 
 
 @dataclass
@@ -30,6 +31,7 @@ class QuantizeReport:
     parity: dict
     census: dict
     distillation: dict
+    reconstruction: list[dict] = field(default_factory=list)  # per block: layers, MSE before and after
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self, with_timings: bool = True) -> dict:

@@ -30,7 +30,10 @@ def quantize(
     input_shape: str = typer.Option(None, "--input-shape", help="C,H,W when the model does not say."),
     wbits: int = typer.Option(8, "--wbits", help="Weight bits."),
     abits: int = typer.Option(8, "--abits", help="Activation bits."),
-    method: str = typer.Option("zeroq", "--method", help="Calibration images: zeroq or noise."),
+    budget: str = typer.Option(None, "--budget", help="Mixed-precision weights: the best point of the size frontier "
+                                                       "(see `zeroquant pareto`) within average bits (4.5) or a size "
+                                                       "(0.2MB)."),
+    method: str = typer.Option("zeroq", "--method", help="Calibration images: zeroq, genie or noise."),
     ranges: str = typer.Option("mse", "--ranges", help="Activation range method: mse, percentile or minmax."),
     images: int = typer.Option(32, "--images", help="Number of distilled images."),
     iterations: int = typer.Option(None, "--iterations", help="Distillation steps (default depends on input size)."),
@@ -38,6 +41,13 @@ def quantize(
     lr: float = typer.Option(0.2, "--lr", help="Distillation learning rate."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same ONNX bytes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    keep_first_last: int = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer and their "
+                                                                    "inputs (0: treat them like the rest)."),
+    reconstruct: str = typer.Option("auto", "--reconstruct", help="Block reconstruction (learned rounding and step "
+                                                                  "sizes): auto (below 8 bits), on or off."),
+    effort: str = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough."),
+    bias_correction: str = typer.Option("auto", "--bias-correction", help="Correct the output shift of weight "
+                                        "rounding: auto (networks with depthwise convs), on or off."),
     full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Distil again even if a cached set exists."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code)."),
@@ -45,27 +55,39 @@ def quantize(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Quantize a trained CNN with no real data and write a verified integer ONNX model plus a JSON report."""
+    from zeroquant.errors import UsageError
     from zeroquant.pipeline import QuantizeOptions
     from zeroquant.pipeline import quantize as run_quantize
+    from zeroquant.search.pareto import parse_budget
 
     options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, lr, seed, device,
-                              not full_range, not no_cache)
+                              not full_range, not no_cache, keep_first_last=keep_first_last, reconstruct=reconstruct,
+                              effort=effort, bias_correction=bias_correction)
     options.validate()
+    if budget is not None and wbits != 8:
+        raise UsageError("--budget chooses the weight bits of every layer; it does not combine with --wbits")
+    limit = parse_budget(budget) if budget is not None else None
     shape = parse_shape(input_shape)
     loaded = _load(model, arch, weights, trust_pickle)
-    output = output or Path(f"{loaded.name}-w{wbits}a{abits}.onnx")
+    output = output or Path(f"{loaded.name}-{f'b{budget}' if budget else f'w{wbits}'}a{abits}.onnx")
     for path in (output, float_output):
         if path:
             check_writable(path)
+    notes, chosen = [], ""
     with progress_bar(False if json_out else None) as progress:
-        report = run_quantize(loaded, output, options, shape, progress, float_output)
+        if limit is not None:
+            options.layer_bits, note, chosen = _mixed_precision(loaded, shape or loaded.input_shape, options, limit,
+                                                                progress)
+            notes.append(note)
+        report = run_quantize(loaded, output, options, shape, progress, float_output, notes)
     if json_out:
         print_json(report.to_dict())
         return
     census, parity, sizes = report.census, report.parity, report.sizes
     stdout.print(key_value_table(f"zeroquant: {report.model}", [
         ("output", f"{report.output} (+ .json report)"),
-        ("bits", f"W{wbits}A{abits}, {len(report.layers)} conv/linear layers"),
+        ("bits", f"{_weight_bits(report.layers)}A{abits}, {len(report.layers)} conv/linear layers"
+                 f"{f'; {chosen} chosen for --budget {budget} (why: notes in the .json)' if chosen else ''}"),
         ("calibration", f"{report.distillation['images']} {report.distillation['method']} images"
                         f"{' (cached)' if report.timings.get('distill_from_cache') else ''}"),
         ("integer MACs", f"{100 * census['integer_mac_fraction']:.1f} % "
@@ -76,6 +98,27 @@ def quantize(
         ("float ops", ", ".join(report.float_ops) or "none"),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if not isinstance(v, bool))),
     ]))
+
+
+def _mixed_precision(loaded, shape, options, budget, progress) -> tuple[dict[str, int], str, str]:
+    """Bits per layer of the best size-frontier point within the budget, the report note that says why, and the
+    point's size."""
+    from zeroquant.errors import UsageError
+    from zeroquant.search import search
+    from zeroquant.search.pareto import DEFAULT_CHOICES, choose, describe, note
+
+    if not shape:
+        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    front = search(loaded, shape, options, DEFAULT_CHOICES, "size", progress).front
+    cost = budget.cost(front.problem)
+    index = choose(front, cost)
+    return (front.points[index]["bits"], note(front, index, budget.text, cost),
+            describe(front.cost[index], front.problem))
+
+
+def _weight_bits(layers) -> str:
+    bits = sorted({layer.weight_bits for layer in layers})
+    return f"W{bits[0]}" if len(bits) == 1 else f"W{bits[0]}-{bits[-1]} (mixed) "
 
 
 @app.command()

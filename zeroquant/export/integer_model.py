@@ -13,6 +13,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
+from zeroquant.graph.ops import aten, is_relu_like
 from zeroquant.quant.quantizers import INT32_MAX, ActivationQuantizer, QuantizedLayer
 from zeroquant.quant.sim import QuantSim
 
@@ -20,15 +21,21 @@ qd = torch.ops.quantized_decomposed
 
 
 class QuantizeDequantize(nn.Module):
-    """uint8 QuantizeLinear -> DequantizeLinear with the quantizer's scale and zero point (b-bit grid in uint8)."""
+    """uint8 QuantizeLinear -> DequantizeLinear with the quantizer's scale and zero point.
+
+    Below 8 bits a Clip on the uint8 tensor restricts it to the b-bit grid [0, 2^b - 1]: onnxruntime keeps that Clip
+    in the integer domain between two QLinearConv kernels, whereas a float Clip would break their fusion.
+    """
 
     def __init__(self, quantizer: ActivationQuantizer):
         super().__init__()
         self.scale, self.zero_point, self.qmax = quantizer.scale, quantizer.zero_point, 2**quantizer.bits - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = qd.quantize_per_tensor(x, self.scale, self.zero_point, 0, self.qmax, torch.uint8)
-        return qd.dequantize_per_tensor(q, self.scale, self.zero_point, 0, self.qmax, torch.uint8)
+        q = qd.quantize_per_tensor(x, self.scale, self.zero_point, 0, 255, torch.uint8)
+        if self.qmax < 255:
+            q = torch.clamp(q, 0, self.qmax)
+        return qd.dequantize_per_tensor(q, self.scale, self.zero_point, 0, 255, torch.uint8)
 
 
 class IntegerLayer(nn.Module):
@@ -68,4 +75,23 @@ def integer_model(sim: QuantSim) -> torch.fx.GraphModule:
     for name, layer in sim.layers.items():
         if layer.enabled:
             setattr(gm, name, IntegerLayer(layer))
+    _drop_redundant_clamps(gm, sim)
+    gm.recompile()
     return gm
+
+
+def _drop_redundant_clamps(gm: torch.fx.GraphModule, sim: QuantSim) -> None:
+    """Remove a ReLU/ReLU6 whose only user is a quantizer that already clamps to within its bounds (zero point 0,
+    top of the grid <= 6). onnxruntime does this itself at 8 bits; below 8 bits the clamp sits on the uint8 tensor
+    instead, where onnxruntime cannot see it, and the float Clip left in place would stop QLinearConv fusion."""
+    for node in list(gm.graph.nodes):
+        users = list(node.users)
+        if not (is_relu_like(node) and len(users) == 1 and users[0].op == "call_module"):
+            continue
+        quantizer = sim.activations.get(users[0].target)
+        if quantizer is None or not quantizer.enabled or quantizer.zero_point != 0:
+            continue
+        upper = 6.0 if node.target == aten.relu6.default else float(node.args[2]) if len(node.args) > 2 else float("inf")
+        if quantizer.range[1] <= upper + 1e-6:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)

@@ -43,7 +43,8 @@ def fold_zero_pads(model: onnx.ModelProto) -> None:
 
     The pad would otherwise run in float between a DequantizeLinear and a QuantizeLinear and split every depthwise
     block into integer and float islands. Between the Pad and the Conv there may be a Q/DQ pair of the Pad's own
-    (shared) scale; padding with 0.0 and re-quantizing is exact, so the fold changes no value.
+    (shared) scale, and its b-bit Clip; the padded values are already on that grid and 0.0 is its zero point, so
+    the fold changes no value.
     """
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
@@ -55,11 +56,11 @@ def fold_zero_pads(model: onnx.ModelProto) -> None:
     removed = set()
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
         chain, source = [], conv.input[0]
-        while source in producer and producer[source].op_type in ("DequantizeLinear", "QuantizeLinear"):
-            chain.append(producer[source])
+        while source in producer and producer[source].op_type in ("DequantizeLinear", "QuantizeLinear", "Clip"):
+            chain.append(producer[source])  # the Pad's own Q/DQ (with a uint8 Clip below 8 bits)
             source = producer[source].input[0]
         pad = producer.get(source)
-        if pad is None or pad.op_type != "Pad" or len(chain) not in (0, 2):
+        if pad is None or pad.op_type != "Pad" or len(chain) not in (0, 2, 3):
             continue
         amounts = _spatial_zero_pads(pad, constants)
         if amounts is None or any(len(consumers.get(n.output[0], [])) != 1 for n in [pad, *chain]):

@@ -28,8 +28,15 @@ def symmetric_scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
     return (absmax / qmax).clamp_min(1e-10).float()
 
 
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
 class ActivationQuantizer(nn.Module):
-    """Per-tensor uint8 fake quantization; an observer may watch the float values during calibration."""
+    """Per-tensor uint8 fake quantization; an observer may watch the float values during calibration.
+
+    During block reconstruction the step size is learned (LSQ) and, with probability drop_prob per element, the
+    float value passes unquantized (QDrop), which keeps the reconstruction from overfitting to one noise pattern.
+    """
 
     def __init__(self, bits: int = 8):
         super().__init__()
@@ -38,6 +45,17 @@ class ActivationQuantizer(nn.Module):
         self.zero_point = 0
         self.enabled = False
         self.observer = None
+        self.learned_scale: nn.Parameter | None = None
+        self.drop_prob = 0.0
+
+    def start_learning(self, drop_prob: float) -> nn.Parameter:
+        self.learned_scale = nn.Parameter(torch.tensor([self.scale]))
+        self.drop_prob = drop_prob
+        return self.learned_scale
+
+    def stop_learning(self) -> None:
+        self.scale = float(self.learned_scale.detach().abs().clamp_min(1e-8))
+        self.learned_scale, self.drop_prob = None, 0.0
 
     def set_range(self, low: float, high: float) -> None:
         self.scale, self.zero_point = activation_qparams(low, high, self.bits)
@@ -52,7 +70,14 @@ class ActivationQuantizer(nn.Module):
             self.observer(x)
         if not self.enabled:
             return x
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 2**self.bits - 1)
+        qmax = 2**self.bits - 1
+        if self.learned_scale is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, qmax)
+        zero = torch.tensor([float(self.zero_point)])
+        q = torch._fake_quantize_learnable_per_tensor_affine(x, self.learned_scale.abs() + 1e-8, zero, 0, qmax, 1.0)
+        if self.drop_prob:
+            q = torch.where(torch.rand_like(x) < self.drop_prob, x, q)
+        return q
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scale={self.scale:.6g}, zero_point={self.zero_point}, enabled={self.enabled}"
@@ -76,9 +101,16 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("quantized_bias", self.bias.detach().clone())
         self.input_scale: float | None = None
         self.enabled = False
+        self.rounding: nn.Parameter | None = None  # AdaRound logits while a reconstruction learns the rounding
+        self.learned_scale: nn.Parameter | None = None
 
     def channel_absmax(self) -> torch.Tensor:
         return self.weight.detach().abs().flatten(1).amax(1)
+
+    def set_bits(self, bits: int) -> None:
+        """Change the weight bit-width; scales go back to min-max on the new grid."""
+        self.bits = bits
+        self.set_weight_scale(symmetric_scales(self.channel_absmax(), self.qmax))
 
     def set_weight_scale(self, scale: torch.Tensor) -> None:
         self.weight_scale = scale.float().clamp_min(1e-10)
@@ -108,8 +140,39 @@ class QuantizedLayer(nn.Module):
         shape = (-1,) + (1,) * (self.weight.dim() - 1)
         return (self.weight.detach() / self.weight_scale.reshape(shape)).round().clamp(-self.qmax, self.qmax)
 
+    def _scale_shape(self) -> tuple:
+        return (-1,) + (1,) * (self.weight.dim() - 1)
+
+    def start_rounding(self) -> list[nn.Parameter]:
+        """AdaRound: learn whether each weight rounds up or down, and the per-channel step size (LSQ)."""
+        scaled = self.weight.detach() / self.weight_scale.reshape(self._scale_shape())
+        self.register_buffer("floor_weight", scaled.floor(), persistent=False)
+        rest = (scaled - scaled.floor()).clamp(0.01, 0.99)
+        self.rounding = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.learned_scale = nn.Parameter(self.weight_scale.clone())
+        return [self.rounding, self.learned_scale]
+
+    def rounding_up(self) -> torch.Tensor:
+        """h(alpha) in [0, 1]: the soft decision to round up."""
+        return torch.clamp(torch.sigmoid(self.rounding) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def soft_weight(self) -> torch.Tensor:
+        integer = torch.clamp(self.floor_weight + self.rounding_up(), -self.qmax, self.qmax)
+        return integer * self.learned_scale.abs().reshape(self._scale_shape())
+
+    def stop_rounding(self) -> None:
+        """Harden the rounding: the weights become exact grid values of the learned step size."""
+        scale = self.learned_scale.detach().abs().clamp_min(1e-10)
+        integer = torch.clamp(self.floor_weight + (self.rounding.detach() >= 0).float(), -self.qmax, self.qmax)
+        self.weight.data = integer * scale.reshape(self._scale_shape())
+        self.rounding = self.learned_scale = None
+        del self.floor_weight
+        self.set_weight_scale(scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
+        if self.enabled and self.rounding is not None:
+            weight, bias = self.soft_weight(), self.bias
+        elif self.enabled:
             zero = torch.zeros_like(self.weight_scale, dtype=torch.int32)
             weight = torch.fake_quantize_per_channel_affine(self.weight, self.weight_scale, zero, 0, -self.qmax, self.qmax)
             bias = self.quantized_bias

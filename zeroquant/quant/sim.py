@@ -139,16 +139,33 @@ def _replace_weighted(gm, node, bits, reduce_range, layers, taken) -> torch.fx.N
                                reduce_range)
     else:
         layer = QuantizedLayer(layer_name(node), "linear", weight, bias, bits, reduce_range=reduce_range)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module("", (x,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    for attr in (weight_node, bias_node):
+        if attr is not None and not attr.users:
+            gm.graph.erase_node(attr)
+    _release_original(gm, layer.name.replace(".", "_"), taken)
     name = _module_name(layer.name, taken)
     taken.add(name)
     gm.add_submodule(name, layer)
     layers[name] = layer
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, (x,))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    new.target = name
     return new
+
+
+def _release_original(gm: torch.fx.GraphModule, name: str, taken: set) -> None:
+    """Free a top-level name held by the original module (e.g. 'head') once no node reads its parameters, so the
+    quantized layer takes the name the user knows instead of 'head_1'."""
+    module = gm._modules.get(name)
+    if module is None or isinstance(module, (QuantizedLayer, ActivationQuantizer)):
+        return
+    if any(n.op == "get_attr" and n.target.split(".")[0] == name for n in gm.graph.nodes):
+        return
+    delattr(gm, name)
+    taken.discard(name)
 
 
 def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:

@@ -1,0 +1,47 @@
+"""Low bit-widths: graph-derived blocks, block reconstruction, and the b-bit grids inside the int8/uint8 ONNX."""
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from tests.conftest import make_small_net
+from zeroquant.graph.batchnorm import fold_batchnorm
+from zeroquant.graph.capture import capture
+from zeroquant.pipeline import QuantizeOptions, quantize
+from zeroquant.quant.reconstruct import EFFORTS, Effort, find_blocks
+from zeroquant.quant.sim import build_quantsim
+from zeroquant.zoo.loading import LoadedModel
+
+FAST = dict(num_images=16, batch_size=16, iterations=10, effort="fast")
+
+
+def test_blocks_follow_the_graph():
+    captured = capture(make_small_net(), (3, 16, 16))
+    sim = build_quantsim(fold_batchnorm(captured.graph_module)[0], 4, 4)
+    blocks = find_blocks(sim)
+    # stem alone; the residual branch and its add form one block; then one block per layer of the plain chain
+    assert [b.layers for b in blocks] == [["stem_0"], ["branch_0"], ["depthwise_1"], ["pointwise_0"], ["head"]]
+    owned = [q for b in blocks for q in b.quantizers]
+    assert len(owned) == len(set(owned))  # every quantizer's step size is learned in exactly one block
+
+
+def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
+    monkeypatch.setitem(EFFORTS, "fast", Effort(40, 16))
+    out = tmp_path / "w4a4.onnx"
+    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+    report = quantize(loaded, out, QuantizeOptions(weight_bits=4, activation_bits=4, **FAST))
+    assert report.reconstruction, "reconstruction runs by default below 8 bits"
+    assert all(b["mse_after"] <= b["mse_before"] for b in report.reconstruction), report.reconstruction
+    low_bit = [b for b in report.reconstruction if b["layers"][0] not in ("stem.0", "head")]
+    assert sum(b["mse_after"] < 0.97 * b["mse_before"] for b in low_bit) >= 2, report.reconstruction
+    model = onnx.load(out)
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith(".weight")}
+    bits = {layer["name"].replace(".", "_"): layer["weight_bits"] for layer in report.to_dict()["layers"]}
+    assert bits == {"stem_0": 8, "branch_0": 4, "depthwise_1": 4, "pointwise_0": 4, "head": 8}
+    for name, values in weights.items():
+        assert values.dtype == np.int8
+        assert np.abs(values).max() <= 2 ** (bits[name.split(".")[0]] - 1) - 1, name
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert clips, "4-bit activations are clipped to [0, 15] on the uint8 tensor"
+    assert report.census["integer_mac_fraction"] == 1.0, report.census
+    assert report.parity["top1_agreement"] >= 99

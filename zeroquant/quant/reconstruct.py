@@ -1,0 +1,184 @@
+"""Block reconstruction (BRECQ-style) for low bit-widths: per block, learn weight rounding (AdaRound, annealed
+regulariser) jointly with weight and activation step sizes (LSQ), with QDrop, so the quantized block reproduces
+the float block's output on the distilled images. Blocks come from the graph: the stretches between two points
+where only one tensor is alive (residual joins, or single layers in a plain chain), not from module class names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from zeroquant.quant.quantizers import ActivationQuantizer, QuantizedLayer
+from zeroquant.quant.sim import QuantSim
+
+
+@dataclass(frozen=True)
+class Effort:
+    iterations: int  # optimisation steps per block
+    batch_size: int
+
+
+EFFORTS = {"fast": Effort(100, 16), "default": Effort(400, 16), "thorough": Effort(1500, 32)}
+ROUNDING_WEIGHT = 0.01  # lambda of AdaRound's rounding regulariser
+WARMUP = 0.2  # fraction of steps before the regulariser starts (pure reconstruction first)
+DROP_PROB = 0.5  # QDrop
+ROUNDING_LR, SCALE_LR = 1e-2, 4e-4  # Adam; higher than BRECQ's 1e-3 / 4e-5, which assume 20k steps per block
+
+
+@dataclass
+class Block:
+    graph_module: torch.fx.GraphModule  # one input, one output; shares its modules with the simulation
+    layers: list[str]
+    quantizers: list[str]  # activation quantizers first used in this block (their step sizes are learned here)
+
+
+def find_blocks(sim: QuantSim) -> list[Block]:
+    """Cut the simulation's graph wherever exactly one tensor is alive; each stretch with a layer is a block."""
+    graph = sim.graph_module.graph
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    order = {node: i for i, node in enumerate(nodes)}
+    last_use = {node: max((order.get(u, len(nodes)) for u in node.users), default=-1) for node in nodes}
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    blocks, start_value, segment, seen_quantizers = [], placeholder, [], set()
+    for i, node in enumerate(nodes):
+        segment.append(node)
+        alive = [n for n in [placeholder, *nodes[: i + 1]] if _used_after(n, order, i)]
+        has_layer = any(n.op == "call_module" and n.target in sim.layers for n in segment)
+        if alive == [node] and has_layer:  # a segment without a layer (a pool, a flatten) joins the next block
+            blocks.append(_extract(sim, start_value, segment, node, seen_quantizers))
+            start_value, segment = node, []
+    return blocks
+
+
+def _used_after(node, order, index) -> bool:
+    return any(order.get(u, math.inf) > index for u in node.users)
+
+
+def _extract(sim: QuantSim, start, segment, end, seen_quantizers: set) -> Block:
+    graph = torch.fx.Graph()
+    value = {start: graph.placeholder("x")}
+
+    def lookup(node):
+        if node not in value:  # a parameter read (get_attr) of an op left in float
+            value[node] = graph.node_copy(node)
+        return value[node]
+
+    for node in segment:
+        value[node] = graph.node_copy(node, lookup)
+    graph.output(value[end])
+    module = torch.fx.GraphModule(sim.graph_module, graph)
+    layers = [n.target for n in segment if n.op == "call_module" and n.target in sim.layers]
+    quantizers = []
+    for n in segment:
+        if n.op == "call_module" and n.target in sim.activations and n.target not in seen_quantizers:
+            seen_quantizers.add(n.target)
+            quantizers.append(n.target)
+    return Block(module, layers, quantizers)
+
+
+def _run(module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([module(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def _set_block_quantization(sim: QuantSim, block: Block, enabled: bool) -> None:
+    for name in block.layers:
+        sim.layers[name].enabled = enabled
+    for node in block.graph_module.graph.nodes:
+        if node.op == "call_module" and node.target in sim.activations:
+            sim.activations[node.target].enabled = enabled
+
+
+def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", seed: int = 0, progress=None,
+                skip_layers: set[str] = frozenset()) -> list[dict]:
+    """Reconstruct every block in order; returns per-block losses before and after (for the report)."""
+    settings = EFFORTS[effort]
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    blocks = find_blocks(sim)
+    fp_in = q_in = images
+    summary = []
+    task = progress.add_task("block reconstruction", total=len(blocks) * settings.iterations) if progress else None
+    for block in blocks:
+        _set_block_quantization(sim, block, False)
+        fp_out = _run(block.graph_module, fp_in, settings.batch_size)
+        _set_block_quantization(sim, block, True)
+        q_out = _run(block.graph_module, q_in, settings.batch_size)
+        before = float(torch.mean((q_out - fp_out) ** 2))
+        saved = _snapshot(sim, block)
+        _train_block(sim, block, fp_in, q_in, fp_out, settings, generator, skip_layers, progress, task)
+        trained = _run(block.graph_module, q_in, settings.batch_size)
+        after = float(torch.mean((trained - fp_out) ** 2))
+        if after <= before:
+            q_out = trained
+        else:  # never leave a block worse than calibration left it (happens for 8-bit blocks: nothing to gain)
+            _restore(sim, block, saved)
+            after = before
+        summary.append({"layers": [sim.layers[n].name for n in block.layers], "mse_before": before,
+                        "mse_after": after})
+        fp_in, q_in = fp_out, q_out
+    for name, layer in sim.layers.items():  # step sizes moved: biases follow their inputs' new scales
+        feeding = sim.layer_inputs.get(name)
+        layer.input_scale = sim.activations[feeding].scale if feeding else None
+        layer.refresh_bias()
+    return summary
+
+
+def _snapshot(sim: QuantSim, block: Block) -> dict:
+    return {"layers": {n: (sim.layers[n].weight.detach().clone(), sim.layers[n].weight_scale.clone())
+                       for n in block.layers},
+            "quantizers": {n: sim.activations[n].scale for n in block.quantizers}}
+
+
+def _restore(sim: QuantSim, block: Block, saved: dict) -> None:
+    for name, (weight, scale) in saved["layers"].items():
+        sim.layers[name].weight.data = weight
+        sim.layers[name].set_weight_scale(scale)
+    for name, scale in saved["quantizers"].items():
+        sim.activations[name].scale = scale
+
+
+def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, skip_layers, progress, task):
+    layers: list[QuantizedLayer] = [sim.layers[n] for n in block.layers if n not in skip_layers]
+    quantizers: list[ActivationQuantizer] = [sim.activations[n] for n in block.quantizers]
+    rounding, weight_scales = [], []
+    for layer in layers:
+        alpha, scale = layer.start_rounding()
+        rounding.append(alpha)
+        weight_scales.append(scale)
+    act_scales = [q.start_learning(DROP_PROB) for q in quantizers]
+    groups = [{"params": rounding, "lr": ROUNDING_LR}]
+    if weight_scales or act_scales:
+        groups.append({"params": weight_scales + act_scales, "lr": SCALE_LR})
+    optimizer = torch.optim.Adam(groups) if rounding or act_scales else None
+    count = len(fp_in)
+    try:
+        for step in range(settings.iterations):
+            if optimizer is None:
+                break
+            index = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
+            mix = torch.rand(q_in[index].shape, generator=generator) < DROP_PROB
+            inputs = torch.where(mix, fp_in[index], q_in[index])  # QDrop on the block input too
+            output = block.graph_module(inputs)
+            loss = torch.mean((output - fp_out[index]) ** 2) * output[0].numel()
+            progress_fraction = step / settings.iterations
+            if progress_fraction >= WARMUP and layers:
+                beta = 20 + (2 - 20) * (progress_fraction - WARMUP) / (1 - WARMUP)  # anneal 20 -> 2
+                loss = loss + ROUNDING_WEIGHT * sum(
+                    (1 - (2 * layer.rounding_up() - 1).abs().pow(beta)).sum() for layer in layers)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if progress:
+                progress.advance(task)
+    finally:
+        for layer in layers:
+            layer.stop_rounding()
+        for quantizer in quantizers:
+            quantizer.stop_learning()
+        if progress and optimizer is None:
+            progress.advance(task, settings.iterations)
+

@@ -1,0 +1,134 @@
+"""Per-layer sensitivity (ZeroQ's metric): the KL divergence from the FP32 output distribution to the one of the model
+with only that layer's weights quantized at b bits, on the distilled images; activations stay float.
+
+Cost: one float pass keeps every node's value; then, per layer, only the nodes downstream of it run (torch.fx partial
+evaluation), once for all bit-widths stacked along the batch (larger batches use the CPU better than several small
+passes); everything upstream or on parallel branches comes from the float pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.fx import Interpreter
+
+from zeroquant.calib import cache as calib_cache
+from zeroquant.export.onnx_export import write_atomic
+from zeroquant.quant.sim import QuantSim
+
+FORMAT = 1
+MEMORY_BUDGET = 1 << 30  # bytes of kept activations per chunk of images
+
+
+def cache_key(model_digest: str, images: torch.Tensor, choices, reduce_range: bool) -> str:
+    """The images' hash stands for the calibration cache key (model, method, settings, seed) and is exact."""
+    payload = json.dumps([FORMAT, model_digest, hashlib.sha256(images.numpy().tobytes()).hexdigest(), list(choices),
+                          reduce_range])
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def cached_sensitivity(sim: QuantSim, images: torch.Tensor, choices, model_digest: str, reduce_range: bool,
+                       use_cache: bool = True, progress=None) -> tuple[np.ndarray, bool]:
+    """layer_sensitivity from the cache (`<cache>/sensitivity/KEY.json`) when it was computed before."""
+    key = cache_key(model_digest, images, choices, reduce_range)
+    path = calib_cache.cache_dir().parent / "sensitivity" / f"{key}.json"
+    if use_cache and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data["layers"] == list(sim.layers):
+                return np.array(data["kl"], dtype=float), True
+        except (ValueError, KeyError):  # a damaged entry is only a cache miss
+            pass
+    table = layer_sensitivity(sim, images, choices, progress)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"layers": list(sim.layers), "choices": list(choices),
+                                       "kl": table.tolist()}).encode())
+    return table, False
+
+
+def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress=None) -> np.ndarray:
+    """KL[layer, choice], averaged over the images; leaves every quantizer of `sim` disabled."""
+    sim.set_enabled(weights=False, activations=False)
+    graph, k = sim.graph_module.graph, len(choices)
+    batched = set().union(*(_downstream(graph, node) for node in graph.nodes if node.op == "placeholder"))
+    nodes = {node.target: node for node in graph.nodes if node.op == "call_module" and node.target in sim.layers}
+    table = np.zeros((len(sim.layers), k))
+    keep = Interpreter(sim.graph_module, garbage_collect_values=False)
+    with torch.no_grad():
+        keep.run(images[:1])
+        chunk = max(1, MEMORY_BUDGET // ((k + 1) * _bytes(keep.env)))
+        task = progress.add_task("layer sensitivity", total=-(-len(images) // chunk) * table.size) if progress else None
+        for start in range(0, len(images), chunk):
+            batch = images[start : start + chunk]
+            log_p = F.log_softmax(keep.run(batch).double(), 1)
+            for row, name in enumerate(sim.layers):
+                suffix = _Suffix(sim, nodes[name], choices, len(batch))
+                env = suffix.stacked_env(keep.env, batched)
+                log_q = F.log_softmax(suffix.run(batch, initial_env=env).double(), 1).unflatten(0, (k, len(batch)))
+                kl = F.kl_div(log_q, log_p.expand_as(log_q), reduction="none", log_target=True)
+                table[row] += kl.sum((1, 2)).numpy()
+                if task is not None:
+                    progress.advance(task, k)
+    return table / len(images)
+
+
+class _Suffix(Interpreter):
+    """Runs only the nodes downstream of one layer, for every bit-width at once: the layer's outputs at each width
+    are stacked along the batch, and the float values that the downstream nodes read are repeated to match."""
+
+    def __init__(self, sim: QuantSim, node: torch.fx.Node, choices, n: int):
+        super().__init__(sim.graph_module)
+        self.node, self.layer, self.choices, self.n = node, sim.layers[node.target], choices, n
+        self.downstream = _downstream(sim.graph_module.graph, node)
+
+    def stacked_env(self, env: dict, batched: set) -> dict:
+        """Upstream values; batch-dependent non-tensors (sizes, tuples) are left out, so they are recomputed."""
+        dropped = {node for node in batched - self.downstream if not isinstance(env[node], torch.Tensor)}
+        compute = self.downstream | dropped
+        needed = {arg for node in compute for arg in node.all_input_nodes} - compute
+        k = len(self.choices)
+        return {node: value.repeat(k, *[1] * (value.dim() - 1)) if node in needed and node in batched else value
+                for node, value in env.items() if node not in compute}
+
+    def call_module(self, target, args, kwargs):
+        if target != self.node.target:
+            return super().call_module(target, args, kwargs)
+        x, original = args[0][: self.n], self.layer.bits
+        self.layer.enabled = True
+        try:
+            outputs = []
+            for bits in self.choices:
+                self.layer.set_bits(bits)
+                outputs.append(self.layer(x))
+        finally:
+            self.layer.enabled = False
+            self.layer.set_bits(original)
+        return torch.cat(outputs)
+
+
+def output_divergence(sim: QuantSim, images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(mean KL from the reference logits, top-1 agreement in %) of the simulation as it is configured."""
+    with torch.no_grad():
+        logits = sim(images)
+    log_p, log_q = F.log_softmax(reference.double(), 1), F.log_softmax(logits.double(), 1)
+    kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True).item()
+    return kl, 100.0 * (logits.argmax(1) == reference.argmax(1)).double().mean().item()
+
+
+def _downstream(graph: torch.fx.Graph, start: torch.fx.Node) -> set[torch.fx.Node]:
+    """The nodes whose value depends on `start` (graph.nodes is in topological order)."""
+    dirty = {start}
+    for node in graph.nodes:
+        if any(arg in dirty for arg in node.all_input_nodes):
+            dirty.add(node)
+    return dirty
+
+
+def _bytes(env: dict) -> int:
+    tensors = {id(v): v for v in env.values() if isinstance(v, torch.Tensor)}
+    return max(1, sum(t.numel() * t.element_size() for t in tensors.values()))

@@ -33,7 +33,7 @@ def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
     assert report.reconstruction, "reconstruction runs by default below 8 bits"
     assert all(b["mse_after"] <= b["mse_before"] for b in report.reconstruction), report.reconstruction
     low_bit = [b for b in report.reconstruction if b["layers"][0] not in ("stem.0", "head")]
-    assert sum(b["mse_after"] < 0.97 * b["mse_before"] for b in low_bit) >= 2, report.reconstruction
+    assert sum(b["mse_after"] for b in low_bit) < 0.99 * sum(b["mse_before"] for b in low_bit), report.reconstruction
     model = onnx.load(out)
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith(".weight")}
     bits = {layer["name"].replace(".", "_"): layer["weight_bits"] for layer in report.to_dict()["layers"]}
@@ -45,3 +45,17 @@ def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
     assert clips, "4-bit activations are clipped to [0, 15] on the uint8 tensor"
     assert report.census["integer_mac_fraction"] == 1.0, report.census
     assert report.parity["top1_agreement"] >= 99
+
+
+def test_pack_int4_shrinks_the_file_and_runs(tmp_path, monkeypatch):
+    monkeypatch.setitem(EFFORTS, "fast", Effort(5, 16))
+    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+    options = dict(weight_bits=4, activation_bits=8, keep_first_last=0, **FAST)
+    plain = quantize(loaded, tmp_path / "int8.onnx", QuantizeOptions(**options))
+    packed = quantize(loaded, tmp_path / "int4.onnx", QuantizeOptions(**options, pack_int4=True))
+    model = onnx.load(tmp_path / "int4.onnx")
+    int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert {i.name for i in int4} >= {f"{n}.weight" for n in ("stem_0", "branch_0", "depthwise_1", "pointwise_0", "head")}
+    assert packed.sizes["onnx_bytes"] < plain.sizes["onnx_bytes"]
+    assert packed.parity["relative_max_diff"] < 0.1  # same values: onnxruntime computes them in float
+    assert packed.census["float_layers"] and any("INT4" in note for note in packed.notes)

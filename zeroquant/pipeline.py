@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from zeroquant.calib import DISTILLERS, DistillSettings
+from zeroquant.calib import DISTILLERS, CalibSet, DistillSettings
 from zeroquant.calib import cache as calib_cache
 from zeroquant.errors import UnsupportedModelError, UsageError, VerificationError
 from zeroquant.export import verify
+from zeroquant.export.int4 import pack_int4
 from zeroquant.export.integer_model import integer_model
 from zeroquant.export.onnx_export import to_onnx, write_atomic
 from zeroquant.graph.batchnorm import batchnorm_nodes, fold_batchnorm
@@ -45,6 +46,7 @@ class QuantizeOptions:
     reconstruct: str = "auto"  # block reconstruction: auto (below 8 bits), on, off
     bias_correction: str = "auto"  # auto: on for networks with depthwise convs, where it measurably helps
     effort: str = "default"
+    pack_int4: bool = False  # weights of <= 4 bits as INT4 initializers: smaller file, those layers run in float
 
     def validate(self) -> None:
         for label, bits in (("--wbits", self.weight_bits), ("--abits", self.activation_bits)):
@@ -138,21 +140,8 @@ def layer_macs(sim: QuantSim, input_shape) -> dict[str, int]:
     return macs
 
 
-def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions | None = None,
-             input_shape: tuple[int, int, int] | None = None, progress=None,
-             float_output: str | Path | None = None, notes: list[str] | None = None) -> QuantizeReport:
-    """Distil, calibrate, export and verify; write OUTPUT (.onnx) and OUTPUT.json only if every check passes.
-
-    float_output: also write the float32 model as ONNX (the reference for `zeroquant eval --reference`).
-    notes: added to the report's notes (e.g. how the mixed-precision bits were chosen).
-    """
-    options = options or QuantizeOptions()
-    options.validate()
-    output = Path(output)
-    shape = tuple(input_shape or loaded.input_shape or ())
-    if not shape:
-        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
-    timings: dict[str, float] = {}
+def stopwatch(timings: dict):
+    """lap(stage) puts the seconds since the previous lap (or since this call) in timings[stage]."""
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -161,6 +150,26 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
         timings[stage] = round(now - clock, 3)
         clock = now
 
+    return lap
+
+
+@dataclass
+class Prepared:
+    """The calibrated simulation quantize() exports, and what it came from (`zeroquant inspect` measures it)."""
+
+    graph_module: torch.fx.GraphModule  # the captured float graph
+    calib: CalibSet
+    sim: QuantSim
+    unfolded_bn: int  # BatchNorm layers left in float
+    low_bit: bool
+    reconstruction: list[dict]
+    timings: dict
+
+
+def prepare(loaded: LoadedModel, shape, options: QuantizeOptions, progress=None) -> Prepared:
+    """Capture, distil, build and calibrate the simulation, then correct biases and reconstruct as options say."""
+    timings: dict = {}
+    lap = stopwatch(timings)
     captured = capture(loaded.module, shape)
     lap("capture")
     calib, from_cache = distill(loaded, captured.graph_module, shape, options, progress)
@@ -185,7 +194,30 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
     if options.reconstruct == "on" or (options.reconstruct == "auto" and low_bit):
         reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress)
         lap("reconstruct")
+    return Prepared(captured.graph_module, calib, sim, unfolded_bn, low_bit, reconstruction, timings)
+
+
+def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions | None = None,
+             input_shape: tuple[int, int, int] | None = None, progress=None,
+             float_output: str | Path | None = None, notes: list[str] | None = None) -> QuantizeReport:
+    """Distil, calibrate, export and verify; write OUTPUT (.onnx) and OUTPUT.json only if every check passes.
+
+    float_output: also write the float32 model as ONNX (the reference for `zeroquant eval --reference`).
+    notes: added to the report's notes (e.g. how the mixed-precision bits were chosen).
+    """
+    options = options or QuantizeOptions()
+    options.validate()
+    output = Path(output)
+    shape = tuple(input_shape or loaded.input_shape or ())
+    if not shape:
+        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    prepared = prepare(loaded, shape, options, progress)
+    sim, calib, timings, low_bit = prepared.sim, prepared.calib, prepared.timings, prepared.low_bit
+    lap = stopwatch(timings)
     model = to_onnx(integer_model(sim), shape)
+    packed = {f"{name}.weight" for name, layer in sim.layers.items() if options.pack_int4 and layer.bits <= 4}
+    if packed:
+        pack_int4(model, packed)
     lap("export")
     try:
         verify.check(model)
@@ -203,11 +235,14 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
     data = model.SerializeToString()
     float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
     notes = list(notes or [])
+    if packed:
+        notes.append(f"{len(packed)} layer(s) store INT4 weights (--pack-int4): onnxruntime has no int4 conv kernel, "
+                     "so they dequantize to float and run in float (see census.float_layers)")
     if options.keep_first_last and low_bit:
         notes.append(f"the first and last layers and their inputs stay at {options.keep_first_last} bits "
                      "(--keep-first-last 0 quantizes them like the rest)")
-    if unfolded_bn:
-        notes.append(f"{unfolded_bn} BatchNorm layer(s) do not follow a conv/linear and run in float")
+    if prepared.unfolded_bn:
+        notes.append(f"{prepared.unfolded_bn} BatchNorm layer(s) do not follow a conv/linear and run in float")
     if options.reduce_range:
         notes.append("weights of non-depthwise layers use the 7-bit grid [-63, 63] inside int8 (reduce_range) so "
                      "onnxruntime's u8s8 kernels cannot saturate on CPUs without VNNI; --full-range lifts this")
@@ -225,12 +260,12 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
         census=census.to_dict(),
         distillation={"method": calib.method, "images": len(calib.images), "final_bn_loss": calib.final_loss,
                       "settings": calib.settings},
-        reconstruction=reconstruction,
+        reconstruction=prepared.reconstruction,
         notes=notes,
     )
     files = [(output, data)]
     if float_output:
-        files.append((Path(float_output), to_onnx(captured.graph_module, shape).SerializeToString()))
+        files.append((Path(float_output), to_onnx(prepared.graph_module, shape).SerializeToString()))
     timings["total"] = round(sum(v for k, v in timings.items() if k != "distill_from_cache"), 3)
     files.append((output.with_suffix(output.suffix + ".json"), report.to_json().encode()))
     written = []

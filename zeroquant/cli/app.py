@@ -59,7 +59,7 @@ def _root(debug: bool = typer.Option(False, "--debug", envvar="ZEROQUANT_DEBUG",
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (usage errors: typer's message and code 2)."""
     # each module adds its commands to `app`
-    from zeroquant.cli import bench, evaluate, pareto, quantize, zoo  # noqa: F401
+    from zeroquant.cli import bench, evaluate, inspect, pareto, quantize, zoo  # noqa: F401
 
     global _debug
     _debug = False

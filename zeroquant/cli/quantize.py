@@ -48,6 +48,8 @@ def quantize(
     effort: str = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough."),
     bias_correction: str = typer.Option("auto", "--bias-correction", help="Correct the output shift of weight "
                                         "rounding: auto (networks with depthwise convs), on or off."),
+    pack_int4: bool = typer.Option(False, "--pack-int4", help="Store weights of <= 4 bits as INT4 (smaller file; "
+                                                              "onnxruntime runs those layers in float)."),
     full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Distil again even if a cached set exists."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code)."),
@@ -62,7 +64,7 @@ def quantize(
 
     options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, lr, seed, device,
                               not full_range, not no_cache, keep_first_last=keep_first_last, reconstruct=reconstruct,
-                              effort=effort, bias_correction=bias_correction)
+                              effort=effort, bias_correction=bias_correction, pack_int4=pack_int4)
     options.validate()
     if budget is not None and wbits != 8:
         raise UsageError("--budget chooses the weight bits of every layer; it does not combine with --wbits")
@@ -136,6 +138,7 @@ def distill(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+    preview: Path = typer.Option(None, "--preview", help="Also save a PNG grid of the images here."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Distil only the synthetic calibration set (cached, so a later quantize reuses it)."""
@@ -143,6 +146,7 @@ def distill(
 
     import torch
 
+    from zeroquant.calib.preview import check_channels, grid_png
     from zeroquant.errors import UsageError
     from zeroquant.export.onnx_export import write_atomic
     from zeroquant.graph.capture import capture
@@ -156,15 +160,22 @@ def distill(
     shape = parse_shape(input_shape) or loaded.input_shape
     if not shape:
         raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    output.mkdir(parents=True, exist_ok=True)
+    if preview:  # checked before distilling, which can take minutes
+        check_channels(shape[0])
+        check_writable(preview)
     captured = capture(loaded.module, shape)
     with progress_bar(False if json_out else None) as progress:
         calib, cached = run_distill(loaded, captured.graph_module, shape, options, progress)
-    output.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"images": calib.images, "method": calib.method, "settings": calib.settings}, buffer)
     write_atomic(output / "calib.pt", buffer.getvalue())
     summary = {"output": str(output / "calib.pt"), "images": len(calib.images), "method": calib.method,
                "final_bn_loss": calib.final_loss, "from_cache": cached}
+    if preview:
+        prep = loaded.preprocessing
+        write_atomic(preview, grid_png(calib.images, prep and prep.mean, prep and prep.std))
+        summary["preview"] = str(preview)
     if json_out:
         print_json(summary)
     else:

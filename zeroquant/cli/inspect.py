@@ -1,0 +1,90 @@
+"""`zeroquant inspect`: why a quantized model loses accuracy, layer by layer."""
+
+from __future__ import annotations
+
+import typer
+from rich import box
+from rich.table import Table
+
+from zeroquant.cli.app import app
+from zeroquant.cli.output import key_value_table, parse_shape, print_json, stdout
+from zeroquant.cli.quantize import DEFAULT_MODEL, MODEL_HELP, _load
+from zeroquant.progress import progress_bar
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    quant_report: bool = typer.Option(False, "--quant-report", help="Per-layer SQNR of the quantized simulation "
+                                                                    "and the BN statistics distillation missed."),
+    arch: str = typer.Option(None, "--arch", help="Zoo architecture for a state_dict/checkpoint file."),
+    weights: str = typer.Option(None, "--weights", help="Weights file for a zoo:NAME model."),
+    input_shape: str = typer.Option(None, "--input-shape", help="C,H,W when the model does not say."),
+    wbits: int = typer.Option(8, "--wbits", help="Weight bits."),
+    abits: int = typer.Option(8, "--abits", help="Activation bits."),
+    method: str = typer.Option("zeroq", "--method", help="Calibration images: zeroq, genie or noise."),
+    ranges: str = typer.Option("mse", "--ranges", help="Activation range method: mse, percentile or minmax."),
+    images: int = typer.Option(32, "--images", help="Number of distilled images."),
+    iterations: int = typer.Option(None, "--iterations", help="Distillation steps (default depends on input size)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Distillation batch size."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    keep_first_last: int = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer, as for "
+                                                                    "quantize."),
+    reconstruct: str = typer.Option("auto", "--reconstruct", help="Block reconstruction: auto, on or off."),
+    effort: str = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough."),
+    full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid, as for quantize."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code)."),
+    top: int = typer.Option(15, "--top", help="Show the N worst layers of each table (0: all)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Measure, on the distilled images, what `quantize` with the same options would export: each layer's output
+    SQNR against the float model (with everything quantized, and with weights only) and its weight SQNR, worst
+    first; and the BatchNorm statistics the distilled images still miss, worst first."""
+    from zeroquant.errors import UsageError
+    from zeroquant.evaluate.inspect import quant_report as measure
+    from zeroquant.pipeline import QuantizeOptions, prepare
+
+    if not quant_report:
+        raise UsageError("nothing to inspect", "pass --quant-report")
+    if top < 0:
+        raise UsageError("--top must be 0 (all) or positive")
+    options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, seed=seed, device=device,
+                              reduce_range=not full_range, keep_first_last=keep_first_last, reconstruct=reconstruct,
+                              effort=effort)
+    options.validate()
+    loaded = _load(model, arch, weights, trust_pickle)
+    shape = parse_shape(input_shape) or loaded.input_shape
+    if not shape:
+        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    with progress_bar(False if json_out else None) as progress:
+        report = measure(prepare(loaded, shape, options, progress), top or None)
+    if json_out:
+        print_json({"model": loaded.name} | report)
+        return
+    distilled = report["distillation"]
+    stdout.print(key_value_table(f"zeroquant inspect: {loaded.name}", [
+        ("bits", f"W{wbits}A{abits}" + (f", first and last layer at {keep_first_last}" if keep_first_last else "")),
+        ("calibration", f"{distilled['images']} {distilled['method']} images"
+                        f"{' (cached)' if distilled['from_cache'] else ''}, final BN loss "
+                        f"{distilled['final_bn_loss']:.4g}"),
+    ]))
+    table = Table(title="SQNR in dB against FP32 on the distilled images, worst first: each layer's output with "
+                        "weights and activations quantized (W+A) or weights only (W), and its weights",
+                  title_justify="left", box=box.SIMPLE)
+    for column in ("layer", "kind", "W bits", "in bits", "W+A", "W", "weights"):
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for row in report["layers"]:
+        table.add_row(row["name"], row["kind"], str(row["weight_bits"]), str(row["input_bits"] or "float"),
+                      *(f"{row[key]:.1f}" for key in ("sqnr_db", "weights_only_sqnr_db", "weight_sqnr_db")))
+    stdout.print(table)
+    if not report["bn_mismatch"]:
+        stdout.print(f"no BatchNorm statistics were matched ({distilled['method']} calibration)")
+        return
+    table = Table(title="BatchNorm statistics missed after distillation, worst first (ZeroQ loss: mean + std "
+                        "distance)", title_justify="left", box=box.SIMPLE)
+    table.add_column("BatchNorm layer")
+    table.add_column("mismatch", justify="right")
+    for row in report["bn_mismatch"]:
+        table.add_row(row["layer"], f"{row['mismatch']:.4g}")
+    stdout.print(table)

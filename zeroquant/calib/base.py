@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zeroquant.graph.batchnorm import batchnorm_nodes
-from zeroquant.graph.ops import layer_name
+from zeroquant.graph.ops import attribute_value, layer_name
 
 
 @dataclass
@@ -69,12 +69,7 @@ def tap_batchnorms(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
     losses: list = []
 
     def attr(node):
-        if node is None:
-            return None
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
+        return attribute_value(gm, node)
 
     for index, node in enumerate(batchnorm_nodes(gm)):
         x, weight, bias, mean, var = node.args[:5]

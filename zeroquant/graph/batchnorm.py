@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zeroquant.graph.ops import Role, layer_name, role
+from zeroquant.graph.ops import Role, attribute_value, layer_name, role
 
 
 @dataclass
@@ -19,17 +19,6 @@ class BatchNormStats:
     std: torch.Tensor
 
 
-def _attr(graph_module: torch.fx.GraphModule, node) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if node.op != "get_attr":
-        raise ValueError(f"expected a parameter, got node {node}")
-    value = graph_module
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value.detach()
-
-
 def batchnorm_nodes(graph_module: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in graph_module.graph.nodes if role(n) is Role.BATCHNORM]
 
@@ -38,9 +27,9 @@ def _bn_params(graph_module, node):
     """(weight, bias, running_mean, running_var, eps) of an aten.batch_norm node, with defaults for affine=False."""
     x, weight, bias, mean, var = node.args[:5]
     eps = float(node.args[7]) if len(node.args) > 7 else 1e-5
-    mean, var = _attr(graph_module, mean), _attr(graph_module, var)
-    weight = _attr(graph_module, weight)
-    bias = _attr(graph_module, bias)
+    mean, var = attribute_value(graph_module, mean), attribute_value(graph_module, var)
+    weight = attribute_value(graph_module, weight)
+    bias = attribute_value(graph_module, bias)
     weight = torch.ones_like(mean) if weight is None else weight
     bias = torch.zeros_like(mean) if bias is None else bias
     return weight, bias, mean, var, eps
@@ -70,8 +59,8 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
         scale = gamma / torch.sqrt(var + eps)
         weight_node = producer.args[1]
         bias_node = producer.args[2] if len(producer.args) > 2 else None
-        weight = _attr(gm, weight_node)
-        bias = _attr(gm, bias_node) if bias_node is not None else torch.zeros_like(mean)
+        weight = attribute_value(gm, weight_node)
+        bias = attribute_value(gm, bias_node) if bias_node is not None else torch.zeros_like(mean)
         folded_weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
         folded_bias = (bias - mean) * scale + beta
         base = layer_name(producer).replace(".", "_")

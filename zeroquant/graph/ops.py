@@ -12,6 +12,7 @@ Roles:
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 
 import torch
@@ -72,6 +73,15 @@ def is_relu_like(node: torch.fx.Node) -> bool:
     if node.target in (aten.hardtanh.default, aten.hardtanh_.default):
         return float(node.args[1] if len(node.args) > 1 else -1.0) == 0.0
     return True
+
+
+def attribute_value(graph_module: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a get_attr node reads (None for an absent optional argument, such as a conv without bias)."""
+    if node is None:
+        return None
+    if node.op != "get_attr":
+        raise ValueError(f"expected a parameter, got node {node}")
+    return functools.reduce(getattr, node.target.split("."), graph_module).detach()
 
 
 def layer_name(node: torch.fx.Node) -> str:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zeroquant.graph.ops import INTEGER_COMPUTE, Role, aten, is_float_tensor, is_relu_like, layer_name, role
+from zeroquant.graph.ops import (INTEGER_COMPUTE, Role, aten, attribute_value, is_float_tensor, is_relu_like,
+                                 layer_name, role)
 from zeroquant.quant.quantizers import ActivationQuantizer, QuantizedLayer
 
 FUSABLE_PRODUCERS = {aten.add.Tensor, aten.add_.Tensor}
@@ -119,20 +120,11 @@ def _fused_into(producer, layers: dict) -> bool:
     return (producer.op == "call_module" and producer.target in layers) or producer.target in FUSABLE_PRODUCERS
 
 
-def _get(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
-    if node is None:
-        return None
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _replace_weighted(gm, node, bits, reduce_range, layers, taken) -> torch.fx.Node:
     """Swap an aten conv2d/linear node for a QuantizedLayer module holding the same weights."""
     args = list(node.args) + [None] * (7 - len(node.args))
     x, weight_node, bias_node = args[:3]
-    weight, bias = _get(gm, weight_node), _get(gm, bias_node)
+    weight, bias = attribute_value(gm, weight_node), attribute_value(gm, bias_node)
     if node.target == aten.conv2d.default:
         stride, padding, dilation, groups = (args[3] or 1), (args[4] or 0), (args[5] or 1), (args[6] or 1)
         layer = QuantizedLayer(layer_name(node), "conv", weight, bias, bits, (stride, padding, dilation, groups),

@@ -95,7 +95,7 @@ def quantize(
         ("integer MACs", f"{100 * census['integer_mac_fraction']:.1f} % "
                          f"({len(census['integer_layers'])}/{len(report.layers)} layers in integer kernels)"),
         ("size", f"{sizes['onnx_bytes'] / 1e6:.2f} MB ({sizes['onnx_vs_float32_weights']:.2f}x the float32 weights)"),
-        ("parity", f"{parity['top1_agreement']:.1f} % top-1 agreement with the simulation, "
+        ("parity", f"ONNX vs simulation on the distilled images: {parity['top1_agreement']:.1f} % top-1 agreement, "
                    f"max logit diff {parity['max_abs_logit_diff']:.3g}"),
         ("float ops", ", ".join(report.float_ops) or "none"),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if not isinstance(v, bool))),

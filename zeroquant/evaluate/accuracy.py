@@ -6,12 +6,15 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from zeroquant.errors import ModelLoadError, UsageError
-from zeroquant.evaluate.datasets import ImageSet
+
+if TYPE_CHECKING:  # datasets imports torchvision, which quantize and bench do not need
+    from zeroquant.evaluate.datasets import ImageSet
 
 
 @dataclass
@@ -27,8 +30,12 @@ class EvalResult:
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
 
-def onnx_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+    """A CPU session; spinning=False lets idle intra-op workers sleep (for sessions timed interleaved)."""
     options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     if not Path(path).is_file():

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from zeroquant.errors import ModelLoadError, UsageError
+from zeroquant.errors import UsageError
+from zeroquant.evaluate.accuracy import onnx_session
 from zeroquant.export.verify import INTEGER_KERNELS, census
 
 FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
@@ -63,20 +64,6 @@ def kernel_census(path: str | Path) -> dict:
     }
 
 
-def latency_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session whose idle intra-op workers sleep instead of spinning: spinning workers of one session would
-    steal the cores the next interleaved session runs on (measured: +28 % on ResNet-20 with 2 threads)."""
-    if not Path(path).is_file():
-        raise ModelLoadError(f"ONNX model not found: {path}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own (unexported) exception types
-        raise ModelLoadError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
 
 
 def random_feed(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
@@ -98,7 +85,9 @@ def measure(paths: list[str | Path], batch: int = 1, threads: int | None = None,
 
     runs=None picks enough rounds for about `seconds` of timing (30 to 1000), from the warm-up rounds' median.
     """
-    sessions = [latency_session(p, threads) for p in paths]
+    # idle workers must sleep: spinning workers of one session steal the cores the next interleaved session runs on
+    # (measured: +28 % on ResNet-20 with 2 threads)
+    sessions = [onnx_session(p, threads, spinning=False) for p in paths]
     feeds = [random_feed(s, batch) for s in sessions]
 
     def one_round(k: int) -> np.ndarray:

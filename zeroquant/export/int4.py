@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from zeroquant.export.onnx_export import drop_unused_initializers
+
 
 def _int4_tensor(name: str, values: np.ndarray) -> TensorProto:
     flat = values.astype(np.int8).flatten()
@@ -40,6 +42,4 @@ def pack_int4(model: onnx.ModelProto, weight_names: set[str]) -> None:
             node.input.append(zero_name)
     for info in [v for v in graph.value_info if v.name in weight_names]:
         graph.value_info.remove(info)  # the exporter typed them int8
-    used = {name for n in graph.node for name in n.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    drop_unused_initializers(graph)

@@ -76,7 +76,7 @@ def fold_zero_pads(model: onnx.ModelProto) -> None:
     kept = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
     graph.node.extend(kept)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
 
 
 def global_pools(model: onnx.ModelProto) -> None:
@@ -96,10 +96,10 @@ def global_pools(model: onnx.ModelProto) -> None:
         node.op_type = "GlobalAveragePool"
         del node.input[1:]
         del node.attribute[:]
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input}
     for init in [init for init in graph.initializer if init.name not in used]:
         graph.initializer.remove(init)

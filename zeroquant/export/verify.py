@@ -12,6 +12,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from zeroquant.evaluate.accuracy import predict_onnx
+
 INTEGER_KERNELS = {
     "QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
     "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
@@ -97,14 +99,8 @@ def census(model: onnx.ModelProto, layer_weights: dict[str, str], layer_macs: di
     return result
 
 
-def run_onnx(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: images[i : i + batch_size]})[0]
-                           for i in range(0, len(images), batch_size)])
-
-
 def parity(model: onnx.ModelProto, simulation, images: torch.Tensor) -> Parity:
-    onnx_logits = run_onnx(session(model), images.numpy())
+    onnx_logits = predict_onnx(session(model), images.numpy())
     with torch.no_grad():
         torch_logits = torch.cat([simulation(images[i : i + 64]) for i in range(0, len(images), 64)]).numpy()
     diff = np.abs(onnx_logits - torch_logits)

@@ -9,12 +9,9 @@ all of them, so the ratios to FP32 compare like with like on a shared, noisy mac
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -22,9 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
-import onnxruntime
-import torch
 
 from zeroquant.evaluate.accuracy import evaluate_logits, onnx_session, predict_onnx
 from zeroquant.evaluate.datasets import dataset_for_zoo, load_image_folder
@@ -36,7 +30,8 @@ from zeroquant.zoo.registry import ZooEntry, zoo_entry
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from ort_baselines import ort_dynamic, ort_static  # noqa: E402  (a sibling script, not a package)
+from ort_baselines import ort_dynamic, ort_static  # noqa: E402  (sibling scripts, not a package)
+from results_file import provenance, provenance_lines, write_section  # noqa: E402
 
 
 @dataclass
@@ -143,34 +138,10 @@ def run_model(name: str, setup: Setup, args, progress, log) -> dict:
             "latency_runs": latency["FP32"].runs, "note": setup.note, "rows": rows}
 
 
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
-    flags = set(re.search(r"flags\s*:\s*(.*)", cpuinfo).group(1).split()) if "flags" in cpuinfo else set()
-    return {"cpu": model.group(1) if model else "unknown", "cores": os.cpu_count(),
-            "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), "avx512": "avx512bw" in flags,
-            "load_average": os.getloadavg()}
-
-
-def versions() -> dict:
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain") else ""
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "zeroquant": commit + dirty}
-
-
 def markdown(results: dict) -> str:
-    m, v = results["machine"], results["versions"]
     lines = [
-        f"# Benchmarks{' (quick subset)' if results['quick'] else ''}", "",
-        f"- date: {results['date']}; whole run {results['wall_s'] / 60:.1f} min",
-        f"- machine: {m['cpu']}, {m['cores']} cores, AVX-512: {'yes' if m['avx512'] else 'no'}, VNNI: "
-        f"{'yes' if m['vnni'] else 'no'}; load average at start {', '.join(f'{x:.1f}' for x in m['load_average'])}",
-        f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, zeroquant {v['zeroquant']}",
-        f"- command: `{results['command']}`", "",
+        f"## W8A8: zeroquant against onnxruntime's quantizers{' (quick subset)' if results['quick'] else ''}", "",
+        *provenance_lines(results), "",
         "Accuracy: top-1 on the zoo evaluation set; agreement = % of images whose top-1 class equals the FP32 "
         "model's. Size: the ONNX file. Latency: median of batch-1 onnxruntime CPU runs with "
         f"{results['threads']} threads, interleaved run by run across all variants of the model (idle workers do "
@@ -185,7 +156,7 @@ def markdown(results: dict) -> str:
         lines += ["Quick subset: fewer images, shorter timing, and zeroquant may reuse a cached distilled set (then "
                   "its quantize time leaves out distillation). Not for quoting.", ""]
     for name, model in results["models"].items():
-        lines += [f"## {name}", "",
+        lines += [f"### {name}", "",
                   f"{model['eval_images']} evaluation images; ORT calibration: {model['noise_calib_images']} noise / "
                   f"{model['real_calib_images']} real images; latency over {model['latency_runs']} runs each. "
                   f"{model['note']}".rstrip(), "",
@@ -216,9 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     args.latency_seconds = 5.0 if args.quick else 30.0
     start = time.perf_counter()
-    results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-               "versions": versions(), "command": shlex.join(["python", *sys.argv]), "quick": args.quick,
-               "threads": args.threads, "models": {}}
+    results = {**provenance(), "quick": args.quick, "threads": args.threads, "models": {}}
     with progress_bar() as progress:
         log = (progress.console if progress else stderr_console()).log
         for name in names:
@@ -226,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     results["wall_s"] = round(time.perf_counter() - start, 1)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.output / "RESULTS.md").write_text(markdown(results))
+    write_section(args.output / "RESULTS.md", "w8a8", markdown(results))
     log(f"wrote {args.output / 'RESULTS.md'} in {results['wall_s'] / 60:.1f} min")
 
 

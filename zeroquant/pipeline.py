@@ -166,15 +166,18 @@ class Prepared:
     timings: dict
 
 
-def prepare(loaded: LoadedModel, shape, options: QuantizeOptions, progress=None) -> Prepared:
-    """Capture, distil, build and calibrate the simulation, then correct biases and reconstruct as options say."""
+def prepare(loaded: LoadedModel, shape, options: QuantizeOptions, progress=None,
+            calib: CalibSet | None = None) -> Prepared:
+    """Capture, distil (unless `calib` is given: --budget distilled it already), build and calibrate the simulation,
+    then correct biases and reconstruct as options say."""
     timings: dict = {}
     lap = stopwatch(timings)
     captured = capture(loaded.module, shape)
     lap("capture")
-    calib, from_cache = distill(loaded, captured.graph_module, shape, options, progress)
-    lap("distill")
-    timings["distill_from_cache"] = from_cache
+    if calib is None:
+        calib, from_cache = distill(loaded, captured.graph_module, shape, options, progress)
+        lap("distill")
+        timings["distill_from_cache"] = from_cache
     folded, unfolded_bn = fold_batchnorm(captured.graph_module)
     sim = build_quantsim(folded, options.weight_bits, options.activation_bits, options.reduce_range)
     for name, bits in (options.layer_bits or {}).items():
@@ -199,19 +202,27 @@ def prepare(loaded: LoadedModel, shape, options: QuantizeOptions, progress=None)
 
 def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions | None = None,
              input_shape: tuple[int, int, int] | None = None, progress=None,
-             float_output: str | Path | None = None, notes: list[str] | None = None) -> QuantizeReport:
+             float_output: str | Path | None = None, notes: list[str] | None = None,
+             calib: CalibSet | None = None) -> QuantizeReport:
     """Distil, calibrate, export and verify; write OUTPUT (.onnx) and OUTPUT.json only if every check passes.
 
     float_output: also write the float32 model as ONNX (the reference for `zeroquant eval --reference`).
     notes: added to the report's notes (e.g. how the mixed-precision bits were chosen).
+    calib: distilled images to use instead of distilling (or loading the cached set).
     """
     options = options or QuantizeOptions()
     options.validate()
-    output = Path(output)
     shape = tuple(input_shape or loaded.input_shape or ())
     if not shape:
         raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
-    prepared = prepare(loaded, shape, options, progress)
+    prepared = prepare(loaded, shape, options, progress, calib)
+    return export(prepared, loaded, output, options, shape, float_output, notes)
+
+
+def export(prepared: Prepared, loaded: LoadedModel, output: str | Path, options: QuantizeOptions, shape,
+           float_output: str | Path | None = None, notes: list[str] | None = None) -> QuantizeReport:
+    """Export the prepared simulation, verify it against onnxruntime and write the files (all or none)."""
+    output = Path(output)
     sim, calib, timings, low_bit = prepared.sim, prepared.calib, prepared.timings, prepared.low_bit
     lap = stopwatch(timings)
     model = to_onnx(integer_model(sim), shape)

@@ -6,6 +6,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from zeroquant.cli import options as flags
 from zeroquant.cli.app import app
 from zeroquant.cli.output import key_value_table, parse_shape, print_json, stdout
 from zeroquant.cli.quantize import DEFAULT_MODEL, MODEL_HELP, _load
@@ -17,24 +18,24 @@ def inspect(
     model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     quant_report: bool = typer.Option(False, "--quant-report", help="Per-layer SQNR of the quantized simulation "
                                                                     "and the BN statistics distillation missed."),
-    arch: str = typer.Option(None, "--arch", help="Zoo architecture for a state_dict/checkpoint file."),
-    weights: str = typer.Option(None, "--weights", help="Weights file for a zoo:NAME model."),
-    input_shape: str = typer.Option(None, "--input-shape", help="C,H,W when the model does not say."),
-    wbits: int = typer.Option(8, "--wbits", help="Weight bits."),
-    abits: int = typer.Option(8, "--abits", help="Activation bits."),
-    method: str = typer.Option("zeroq", "--method", help="Calibration images: zeroq, genie or noise."),
-    ranges: str = typer.Option("mse", "--ranges", help="Activation range method: mse, percentile or minmax."),
-    images: int = typer.Option(32, "--images", help="Number of distilled images."),
-    iterations: int = typer.Option(None, "--iterations", help="Distillation steps (default depends on input size)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Distillation batch size."),
+    arch: str = flags.ARCH,
+    weights: str = flags.WEIGHTS,
+    input_shape: str = flags.INPUT_SHAPE,
+    wbits: int = flags.WBITS,
+    abits: int = flags.ABITS,
+    method: str = flags.METHOD,
+    ranges: str = flags.RANGES,
+    images: int = flags.IMAGES,
+    iterations: int = flags.ITERATIONS,
+    batch_size: int = flags.BATCH_SIZE,
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = flags.DEVICE,
     keep_first_last: int = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer, as for "
                                                                     "quantize."),
     reconstruct: str = typer.Option("auto", "--reconstruct", help="Block reconstruction: auto, on or off."),
-    effort: str = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough."),
+    effort: str = flags.EFFORT,
     full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid, as for quantize."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code)."),
+    trust_pickle: bool = flags.TRUST_PICKLE,
     top: int = typer.Option(15, "--top", help="Show the N worst layers of each table (0: all)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

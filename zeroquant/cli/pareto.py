@@ -9,6 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from zeroquant.cli import options as flags
 from zeroquant.cli.app import app
 from zeroquant.cli.output import check_writable, parse_shape, print_json, stdout
 from zeroquant.cli.quantize import DEFAULT_MODEL, MODEL_HELP, _load
@@ -21,9 +22,9 @@ MEASURED = 5  # frontier points checked end to end, besides the chosen one
 def pareto(
     model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for pareto.png and pareto.json."),
-    arch: str = typer.Option(None, "--arch", help="Zoo architecture for a state_dict/checkpoint file."),
-    weights: str = typer.Option(None, "--weights", help="Weights file for a zoo:NAME model."),
-    input_shape: str = typer.Option(None, "--input-shape", help="C,H,W when the model does not say."),
+    arch: str = flags.ARCH,
+    weights: str = flags.WEIGHTS,
+    input_shape: str = flags.INPUT_SHAPE,
     wbits_choices: str = typer.Option("2,3,4,5,6,8", "--wbits-choices", help="Candidate weight bits per layer."),
     abits: int = typer.Option(8, "--abits", help="Activation bits (uniform, not searched)."),
     objective: str = typer.Option("size", "--objective", help="Cost axis: size (packed weight bits) or bops."),
@@ -32,15 +33,15 @@ def pareto(
     method: str = typer.Option("zeroq", "--method", help="Calibration images, as for quantize."),
     ranges: str = typer.Option("mse", "--ranges", help="Activation range method for the measured points."),
     images: int = typer.Option(32, "--images", help="Distilled images (and half as many held-out ones)."),
-    iterations: int = typer.Option(None, "--iterations", help="Distillation steps (default depends on input size)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Distillation batch size."),
+    iterations: int = flags.ITERATIONS,
+    batch_size: int = flags.BATCH_SIZE,
     seed: int = typer.Option(0, "--seed", help="Random seed; the held-out images use seed + 1."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (distillation)."),
     keep_first_last: int = typer.Option(8, "--keep-first-last", help="Least bits of the first and last layer, as "
                                                                     "quantize pins them (0: searched like the rest)."),
-    full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only)."),
+    full_range: bool = flags.FULL_RANGE,
     no_cache: bool = typer.Option(False, "--no-cache", help="Distil and measure sensitivity again."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code)."),
+    trust_pickle: bool = flags.TRUST_PICKLE,
     json_out: bool = typer.Option(False, "--json", help="Print pareto.json on stdout instead of a table."),
 ) -> None:
     """Measure each layer's sensitivity to every weight bit-width on distilled images, solve the exact frontier,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from zeroquant.cli import options as flags
 from zeroquant.cli.app import app
 from zeroquant.cli.output import check_writable, key_value_table, parse_shape, print_json, stdout
 from zeroquant.progress import progress_bar
@@ -25,34 +26,34 @@ def _load(model: str, arch, weights, trust_pickle):
 def quantize(
     model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     output: Path = typer.Option(None, "-o", "--output", help="ONNX file to write (default: NAME-w8a8.onnx)."),
-    arch: str = typer.Option(None, "--arch", help="Zoo architecture for a state_dict/checkpoint file."),
-    weights: str = typer.Option(None, "--weights", help="Weights file for a zoo:NAME model."),
-    input_shape: str = typer.Option(None, "--input-shape", help="C,H,W when the model does not say."),
-    wbits: int = typer.Option(8, "--wbits", help="Weight bits."),
-    abits: int = typer.Option(8, "--abits", help="Activation bits."),
+    arch: str = flags.ARCH,
+    weights: str = flags.WEIGHTS,
+    input_shape: str = flags.INPUT_SHAPE,
+    wbits: int = flags.WBITS,
+    abits: int = flags.ABITS,
     budget: str = typer.Option(None, "--budget", help="Mixed-precision weights: the best point of the size frontier "
                                                        "(see `zeroquant pareto`) within average bits (4.5) or a size "
                                                        "(0.2MB)."),
-    method: str = typer.Option("zeroq", "--method", help="Calibration images: zeroq, genie or noise."),
-    ranges: str = typer.Option("mse", "--ranges", help="Activation range method: mse, percentile or minmax."),
-    images: int = typer.Option(32, "--images", help="Number of distilled images."),
-    iterations: int = typer.Option(None, "--iterations", help="Distillation steps (default depends on input size)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Distillation batch size."),
+    method: str = flags.METHOD,
+    ranges: str = flags.RANGES,
+    images: int = flags.IMAGES,
+    iterations: int = flags.ITERATIONS,
+    batch_size: int = flags.BATCH_SIZE,
     lr: float = typer.Option(0.2, "--lr", help="Distillation learning rate."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same ONNX bytes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = flags.DEVICE,
     keep_first_last: int = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer and their "
                                                                     "inputs (0: treat them like the rest)."),
     reconstruct: str = typer.Option("auto", "--reconstruct", help="Block reconstruction (learned rounding and step "
                                                                   "sizes): auto (below 8 bits), on or off."),
-    effort: str = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough."),
+    effort: str = flags.EFFORT,
     bias_correction: str = typer.Option("auto", "--bias-correction", help="Correct the output shift of weight "
                                         "rounding: auto (networks with depthwise convs), on or off."),
     pack_int4: bool = typer.Option(False, "--pack-int4", help="Store weights of <= 4 bits as INT4 (smaller file; "
                                                               "onnxruntime runs those layers in float)."),
-    full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only)."),
+    full_range: bool = flags.FULL_RANGE,
     no_cache: bool = typer.Option(False, "--no-cache", help="Distil again even if a cached set exists."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code)."),
+    trust_pickle: bool = flags.TRUST_PICKLE,
     float_output: Path = typer.Option(None, "--float-output", help="Also write the float32 ONNX model here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -60,6 +61,7 @@ def quantize(
     from zeroquant.errors import UsageError
     from zeroquant.pipeline import QuantizeOptions
     from zeroquant.pipeline import quantize as run_quantize
+    from zeroquant.search import bits_for_budget
     from zeroquant.search.pareto import parse_budget
 
     options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, lr, seed, device,
@@ -75,13 +77,15 @@ def quantize(
     for path in (output, float_output):
         if path:
             check_writable(path)
-    notes, chosen = [], ""
+    notes, chosen, calib = [], "", None
     with progress_bar(False if json_out else None) as progress:
         if limit is not None:
-            options.layer_bits, note, chosen = _mixed_precision(loaded, shape or loaded.input_shape, options, limit,
-                                                                progress)
-            notes.append(note)
-        report = run_quantize(loaded, output, options, shape, progress, float_output, notes)
+            if not (shape or loaded.input_shape):
+                raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+            choice = bits_for_budget(loaded, shape or loaded.input_shape, options, limit, progress)
+            options.layer_bits, chosen, calib = choice.layer_bits, choice.chosen, choice.calib
+            notes.append(choice.note)
+        report = run_quantize(loaded, output, options, shape, progress, float_output, notes, calib)
     if json_out:
         print_json(report.to_dict())
         return
@@ -102,22 +106,6 @@ def quantize(
     ]))
 
 
-def _mixed_precision(loaded, shape, options, budget, progress) -> tuple[dict[str, int], str, str]:
-    """Bits per layer of the best size-frontier point within the budget, the report note that says why, and the
-    point's size."""
-    from zeroquant.errors import UsageError
-    from zeroquant.search import search
-    from zeroquant.search.pareto import DEFAULT_CHOICES, choose, describe, note
-
-    if not shape:
-        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
-    front = search(loaded, shape, options, DEFAULT_CHOICES, "size", progress).front
-    cost = budget.cost(front.problem)
-    index = choose(front, cost)
-    return (front.points[index]["bits"], note(front, index, budget.text, cost),
-            describe(front.cost[index], front.problem))
-
-
 def _weight_bits(layers) -> str:
     bits = sorted({layer.weight_bits for layer in layers})
     return f"W{bits[0]}" if len(bits) == 1 else f"W{bits[0]}-{bits[-1]} (mixed) "
@@ -127,17 +115,17 @@ def _weight_bits(layers) -> str:
 def distill(
     model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for calib.pt (the images as a tensor)."),
-    arch: str = typer.Option(None, "--arch"),
-    weights: str = typer.Option(None, "--weights"),
-    input_shape: str = typer.Option(None, "--input-shape"),
-    method: str = typer.Option("zeroq", "--method"),
-    images: int = typer.Option(32, "--images"),
-    iterations: int = typer.Option(None, "--iterations"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    arch: str = flags.ARCH,
+    weights: str = flags.WEIGHTS,
+    input_shape: str = flags.INPUT_SHAPE,
+    method: str = flags.METHOD,
+    images: int = flags.IMAGES,
+    iterations: int = flags.ITERATIONS,
+    batch_size: int = flags.BATCH_SIZE,
     lr: float = typer.Option(0.2, "--lr"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+    device: str = flags.DEVICE,
+    trust_pickle: bool = flags.TRUST_PICKLE,
     preview: Path = typer.Option(None, "--preview", help="Also save a PNG grid of the images here."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:

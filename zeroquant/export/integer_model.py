@@ -13,7 +13,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.graph.ops import aten, is_relu_like
+from zeroquant.graph.ops import is_relu_like, relu_upper_bound
 from zeroquant.quant.quantizers import INT32_MAX, ActivationQuantizer, QuantizedLayer
 from zeroquant.quant.sim import QuantSim
 
@@ -91,7 +91,6 @@ def _drop_redundant_clamps(gm: torch.fx.GraphModule, sim: QuantSim) -> None:
         quantizer = sim.activations.get(users[0].target)
         if quantizer is None or not quantizer.enabled or quantizer.zero_point != 0:
             continue
-        upper = 6.0 if node.target == aten.relu6.default else float(node.args[2]) if len(node.args) > 2 else float("inf")
-        if quantizer.range[1] <= upper + 1e-6:
+        if quantizer.range[1] <= relu_upper_bound(node) + 1e-6:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)

@@ -74,6 +74,8 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
         else:
             args.append(new_bias)
         producer.args = tuple(args)
+        # the layer's output on the training data, per channel: mean beta, std |gamma| (ranges.ChannelGaussians)
+        producer.meta["bn_output"] = (beta.detach().float().clone(), gamma.detach().abs().float().clone())
         node.replace_all_uses_with(producer)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()

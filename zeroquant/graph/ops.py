@@ -75,6 +75,13 @@ def is_relu_like(node: torch.fx.Node) -> bool:
     return True
 
 
+def relu_upper_bound(node: torch.fx.Node) -> float:
+    """The top of a relu-like op's output: inf for relu, 6 for relu6, max_val (default 1) for hardtanh."""
+    if node.target in (aten.hardtanh.default, aten.hardtanh_.default):
+        return float(node.args[2]) if len(node.args) > 2 else 1.0
+    return 6.0 if node.target == aten.relu6.default else float("inf")
+
+
 def attribute_value(graph_module: torch.fx.GraphModule, node) -> torch.Tensor | None:
     """The tensor a get_attr node reads (None for an absent optional argument, such as a conv without bias)."""
     if node is None:

@@ -6,7 +6,7 @@ import torch
 
 from zeroquant.errors import UsageError
 from zeroquant.quant.quantizers import symmetric_scales
-from zeroquant.quant.ranges import RANGE_METHODS, HistogramObserver
+from zeroquant.quant.ranges import RANGE_METHODS, HistogramObserver, choose_range
 from zeroquant.quant.sim import QuantSim
 
 
@@ -16,8 +16,10 @@ def _forward_all(sim: QuantSim, images: torch.Tensor, batch_size: int) -> None:
             sim(images[start : start + batch_size])
 
 
-def calibrate(sim: QuantSim, images: torch.Tensor, method: str = "mse", batch_size: int = 32) -> None:
-    """Observe float activations (two passes: range, then histogram), set every quantizer, then enable them all."""
+def calibrate(sim: QuantSim, images: torch.Tensor, method: str = "mse", batch_size: int = 32) -> dict[str, str]:
+    """Observe float activations (two passes: range, then histogram), set every quantizer, then enable them all.
+
+    Returns the range method each activation quantizer ended up with (see ranges.choose_range)."""
     if method not in RANGE_METHODS:
         raise UsageError(f"unknown range method '{method}'", f"choose one of {', '.join(RANGE_METHODS)}")
     sim.set_enabled(weights=False, activations=False)
@@ -32,11 +34,13 @@ def calibrate(sim: QuantSim, images: torch.Tensor, method: str = "mse", batch_si
     finally:
         for quantizer in sim.activations.values():
             quantizer.observer = None
-    choose = RANGE_METHODS[method]
+    chosen = {}
     for name, quantizer in sim.activations.items():
-        quantizer.set_range(*choose(observers[name], quantizer.bits))
+        bounds, chosen[name] = choose_range(method, observers[name], quantizer.prior, quantizer.bits)
+        quantizer.set_range(*bounds)
     for name, layer in sim.layers.items():
         feeding = sim.layer_inputs.get(name)
         layer.input_scale = sim.activations[feeding].scale if feeding else None
         layer.set_weight_scale(symmetric_scales(layer.channel_absmax(), layer.qmax))
     sim.set_enabled(weights=True, activations=True)
+    return chosen

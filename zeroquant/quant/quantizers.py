@@ -45,6 +45,7 @@ class ActivationQuantizer(nn.Module):
         self.zero_point = 0
         self.enabled = False
         self.observer = None
+        self.prior = None  # ranges.ChannelGaussians: the tensor's distribution on the training data, where known
         self.learned_scale: nn.Parameter | None = None
         self.drop_prob = 0.0
 

@@ -40,7 +40,6 @@ def find_blocks(sim: QuantSim) -> list[Block]:
     graph = sim.graph_module.graph
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
     order = {node: i for i, node in enumerate(nodes)}
-    last_use = {node: max((order.get(u, len(nodes)) for u in node.users), default=-1) for node in nodes}
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     blocks, start_value, segment, seen_quantizers = [], placeholder, [], set()
     for i, node in enumerate(nodes):

@@ -9,13 +9,15 @@ model's final output stays float (the last Gemm dequantizes into float logits).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from zeroquant.graph.ops import (INTEGER_COMPUTE, Role, aten, attribute_value, is_float_tensor, is_relu_like,
-                                 layer_name, role)
+                                 layer_name, relu_upper_bound, role)
 from zeroquant.quant.quantizers import ActivationQuantizer, QuantizedLayer
+from zeroquant.quant.ranges import ChannelGaussians
 
 FUSABLE_PRODUCERS = {aten.add.Tensor, aten.add_.Tensor}
 
@@ -71,6 +73,7 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
             name = _module_name(f"aq_{node.name}", taken)
             taken.add(name)
             activations[name] = ActivationQuantizer(activation_bits)
+            activations[name].prior = output_prior(node)
             gm.add_submodule(name, activations[name])
         with graph.inserting_after(node):
             qnode = graph.call_module(name, (node,))
@@ -111,6 +114,15 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
     graph.lint()
     gm.recompile()
     return QuantSim(gm, layers, activations, float_ops, layer_inputs)
+
+
+def output_prior(node: torch.fx.Node) -> ChannelGaussians | None:
+    """The training-data distribution of a folded conv+BN's output, clamped by the relu-like op producing `node`."""
+    low, high = -math.inf, math.inf
+    if is_relu_like(node):
+        low, high, node = 0.0, relu_upper_bound(node), node.args[0]
+    stats = node.meta.get("bn_output") if isinstance(node, torch.fx.Node) else None
+    return ChannelGaussians(*stats, low, high) if stats is not None else None
 
 
 def _fused_into(producer, layers: dict) -> bool:

@@ -15,7 +15,7 @@ from zeroquant.graph.capture import capture
 from zeroquant.pipeline import QuantizeOptions, distill, keep_first_last, layer_macs
 from zeroquant.quant.calibrate import calibrate
 from zeroquant.quant.sim import QuantSim, build_quantsim
-from zeroquant.search.pareto import Frontier, Problem, frontier
+from zeroquant.search.pareto import DEFAULT_CHOICES, Budget, Frontier, Problem, choose, describe, frontier, note
 from zeroquant.search.sensitivity import cached_sensitivity, output_divergence
 from zeroquant.zoo.loading import LoadedModel
 
@@ -88,3 +88,25 @@ def measure(found: Search, loaded: LoadedModel, shape, options: QuantizeOptions,
         results.append(row)
     sim.set_enabled(weights=False, activations=False)
     return results, len(held_out.images)
+
+
+@dataclass
+class BudgetChoice:
+    """What `quantize --budget` exports: the chosen point's bits per layer, why (for the report) and its size."""
+
+    layer_bits: dict[str, int]
+    note: str
+    chosen: str
+    calib: CalibSet  # the distilled images the sensitivity was measured on (quantize calibrates on the same ones)
+
+
+def bits_for_budget(loaded: LoadedModel, shape, options: QuantizeOptions, budget: Budget,
+                    progress=None) -> BudgetChoice:
+    """The best point of the size frontier within the budget."""
+    found = search(loaded, shape, options, DEFAULT_CHOICES, "size", progress)
+    front = found.front
+    cost = budget.cost(front.problem)
+    index = choose(front, cost)
+    timing = ", ".join(f"{k} {v}" for k, v in found.timings.items())
+    return BudgetChoice(front.points[index]["bits"], f"{note(front, index, budget.text, cost)} (search: {timing})",
+                        describe(front.cost[index], front.problem), found.calib)

@@ -1,0 +1,66 @@
+"""Activation range methods: the BN-derived (analytic) histogram, the per-tensor choice, and where priors attach."""
+
+import math
+
+import torch
+
+from tests.conftest import make_small_net
+from zeroquant.graph.batchnorm import fold_batchnorm
+from zeroquant.graph.capture import capture
+from zeroquant.quant.calibrate import calibrate
+from zeroquant.quant.ranges import ChannelGaussians, HistogramObserver, choose_range
+from zeroquant.quant.sim import build_quantsim
+
+
+def _observed(values: torch.Tensor) -> HistogramObserver:
+    obs = HistogramObserver()
+    obs(values)
+    obs.start_histogram()
+    obs(values)
+    return obs
+
+
+def test_gaussian_histogram_matches_sampling():
+    """Two channels N(1, 2) and N(-3, 0.5) under a ReLU6: the analytic histogram has the mass of samples."""
+    prior = ChannelGaussians(torch.tensor([1.0, -3.0]), torch.tensor([2.0, 0.5]), 0.0, 6.0)
+    hist = prior.histogram()
+    assert (hist.low, hist.high) == (0.0, 6.0)
+    mass = hist.hist / hist.hist.sum()
+    at_zero = (torch.special.ndtr(torch.tensor(-0.5)) + 1.0) / 2  # channel 1 below 0, and all of channel 2
+    assert math.isclose(float(mass[0]), float(at_zero), abs_tol=2e-3)
+    at_six = (1 - torch.special.ndtr(torch.tensor(2.5))) / 2
+    assert math.isclose(float(mass[-1]), float(at_six), abs_tol=2e-3)
+    samples = torch.cat([torch.randn(200_000) * 2 + 1, torch.randn(200_000) * 0.5 - 3]).clamp(0, 6)
+    mean = float((mass * hist.centers()).sum())
+    assert math.isclose(mean, float(samples.mean()), rel_tol=0.02)
+
+
+def test_choose_range_methods():
+    torch.manual_seed(0)
+    values = torch.randn(20_000).clamp_min(0)
+    values[0] = 40.0  # one outlier: minmax keeps it, mse clips it
+    observed = _observed(values)
+    prior = ChannelGaussians(torch.zeros(1), torch.ones(1), 0.0, math.inf)
+    (low, high), name = choose_range("minmax", observed, prior, 8)
+    assert (name, high) == ("minmax", 40.0)
+    (_, high), name = choose_range("mse", observed, None, 4)  # at 4 bits, clipping one outlier costs less
+    assert name == "mse" and high < 10
+    (_, high), name = choose_range("analytic", observed, prior, 8)
+    assert name == "analytic" and 2.5 < high < 6.5  # from N(0, 1) alone: the outlier is not seen
+    assert choose_range("analytic", observed, None, 8)[1] == "mse"  # no BN describes the tensor
+    (_, high), name = choose_range("auto", observed, prior, 4)
+    assert name in ("minmax", "percentile", "mse", "analytic") and high < 40.0
+
+
+def test_priors_attach_to_conv_bn_outputs_and_calibrate_reports_choices():
+    model = make_small_net()
+    folded, _ = fold_batchnorm(capture(model, (3, 16, 16)).graph_module)
+    sim = build_quantsim(folded, 8, 8)
+    priors = {name: q.prior for name, q in sim.activations.items() if q.prior is not None}
+    assert priors, "conv+BN outputs must carry their BN-derived distribution"
+    bounds = {(p.low, p.high) for p in priors.values()}
+    assert (0.0, 6.0) in bounds  # the ReLU6 after the depthwise conv
+    assert any(math.isinf(high) for _, high in bounds)  # a plain ReLU / no activation
+    chosen = calibrate(sim, torch.randn(8, 3, 16, 16), "auto")
+    assert set(chosen) == set(sim.activations)
+    assert set(chosen.values()) <= {"minmax", "percentile", "mse", "analytic"}

@@ -64,3 +64,32 @@ def test_priors_attach_to_conv_bn_outputs_and_calibrate_reports_choices():
     chosen = calibrate(sim, torch.randn(8, 3, 16, 16), "auto")
     assert set(chosen) == set(sim.activations)
     assert set(chosen.values()) <= {"minmax", "percentile", "mse", "analytic"}
+
+
+def test_cross_layer_equalization_is_exact_and_equalizes():
+    from zeroquant.quant.equalize import equalization_pairs, equalize
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), bn(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), bn(8), torch.nn.ReLU(),  # depthwise second, then first
+        torch.nn.ZeroPad2d(1), torch.nn.Conv2d(8, 16, 3, groups=2), bn(16), torch.nn.ReLU6(),  # ReLU6: no pair
+        torch.nn.Conv2d(16, 4, 1))
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, bn):
+                module.weight.uniform_(0.1, 3)
+                module.running_var.uniform_(0.5, 2)
+    model.eval()
+    folded, _ = fold_batchnorm(capture(model, (3, 12, 12)).graph_module)
+    x = torch.randn(4, 3, 12, 12)
+    expected = folded(x)
+    pairs = equalization_pairs(folded)
+    assert len(pairs) == 2
+    assert equalize(folded) == 2
+    torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4)
+    first, second = pairs[1]  # depthwise -> (pad) -> grouped conv
+    w1 = getattr(folded, first.args[1].target).abs().flatten(1).amax(1)
+    w2 = getattr(folded, second.args[1].target).reshape(2, 8, 4, -1).abs().amax(dim=(1, 3)).reshape(-1)
+    torch.testing.assert_close(w1, w2)

@@ -19,6 +19,7 @@ from zeroquant.graph.batchnorm import batchnorm_nodes, fold_batchnorm
 from zeroquant.graph.capture import capture
 from zeroquant.quant.bias_correction import correct_biases
 from zeroquant.quant.calibrate import calibrate
+from zeroquant.quant.equalize import equalize
 from zeroquant.quant.ranges import RANGE_METHODS
 from zeroquant.quant.reconstruct import EFFORTS, reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
@@ -45,6 +46,7 @@ class QuantizeOptions:
     keep_first_last: int = 8  # bits of the first and last layer (weights and their inputs); 0 = no exception
     reconstruct: str = "auto"  # block reconstruction: auto (below 8 bits), on, off
     bias_correction: str = "auto"  # auto: on for networks with depthwise convs, where it measurably helps
+    equalize: bool = False  # cross-layer equalization of conv -> ReLU -> conv chains (off: see benchmarks/ablation)
     effort: str = "default"
     pack_int4: bool = False  # weights of <= 4 bits as INT4 initializers: smaller file, those layers run in float
 
@@ -164,6 +166,7 @@ class Prepared:
     low_bit: bool
     reconstruction: list[dict]
     timings: dict
+    equalized_pairs: int = 0
 
 
 def prepare(loaded: LoadedModel, shape, options: QuantizeOptions, progress=None,
@@ -179,6 +182,7 @@ def prepare(loaded: LoadedModel, shape, options: QuantizeOptions, progress=None,
         lap("distill")
         timings["distill_from_cache"] = from_cache
     folded, unfolded_bn = fold_batchnorm(captured.graph_module)
+    equalized = equalize(folded) if options.equalize else 0
     sim = build_quantsim(folded, options.weight_bits, options.activation_bits, options.reduce_range)
     for name, bits in (options.layer_bits or {}).items():
         if name not in sim.layers:
@@ -197,7 +201,7 @@ def prepare(loaded: LoadedModel, shape, options: QuantizeOptions, progress=None,
     if options.reconstruct == "on" or (options.reconstruct == "auto" and low_bit):
         reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress)
         lap("reconstruct")
-    return Prepared(captured.graph_module, calib, sim, unfolded_bn, low_bit, reconstruction, timings)
+    return Prepared(captured.graph_module, calib, sim, unfolded_bn, low_bit, reconstruction, timings, equalized)
 
 
 def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions | None = None,
@@ -252,6 +256,9 @@ def export(prepared: Prepared, loaded: LoadedModel, output: str | Path, options:
     if options.keep_first_last and low_bit:
         notes.append(f"the first and last layers and their inputs stay at {options.keep_first_last} bits "
                      "(--keep-first-last 0 quantizes them like the rest)")
+    if options.equalize:
+        notes.append(f"cross-layer equalization rescaled {prepared.equalized_pairs} conv -> ReLU -> conv pair(s) "
+                     "(chains through ReLU6 are left alone: it does not commute with scaling)")
     if prepared.unfolded_bn:
         notes.append(f"{prepared.unfolded_bn} BatchNorm layer(s) do not follow a conv/linear and run in float")
     if options.reduce_range:

@@ -49,6 +49,8 @@ def quantize(
     effort: str = flags.EFFORT,
     bias_correction: str = typer.Option("auto", "--bias-correction", help="Correct the output shift of weight "
                                         "rounding: auto (networks with depthwise convs), on or off."),
+    equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization of conv -> ReLU -> conv "
+                                                            "chains (exact; off by default, see the ablation)."),
     pack_int4: bool = typer.Option(False, "--pack-int4", help="Store weights of <= 4 bits as INT4 (smaller file; "
                                                               "onnxruntime runs those layers in float)."),
     full_range: bool = flags.FULL_RANGE,
@@ -66,7 +68,8 @@ def quantize(
 
     options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, lr, seed, device,
                               not full_range, not no_cache, keep_first_last=keep_first_last, reconstruct=reconstruct,
-                              effort=effort, bias_correction=bias_correction, pack_int4=pack_int4)
+                              effort=effort, bias_correction=bias_correction, equalize=equalize,
+                              pack_int4=pack_int4)
     options.validate()
     if budget is not None and wbits != 8:
         raise UsageError("--budget chooses the weight bits of every layer; it does not combine with --wbits")

@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench bench-accuracy
 install: $(STAMP)
 
 demo: $(STAMP)  ## quantize the embedded EfficientNet-Lite0 (no user files) and evaluate it if ../shared is present
@@ -20,5 +20,9 @@ demo: $(STAMP)  ## quantize the embedded EfficientNet-Lite0 (no user files) and 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP)  ## W8A8 against onnxruntime's quantizers (~16 min)
 	$(BIN)/python benchmarks/run.py
+
+bench-accuracy: $(STAMP)  ## the low-bit / mixed-precision and ablation tables (about 1.5 h on 2 cores)
+	$(BIN)/python benchmarks/accuracy.py lowbit
+	$(BIN)/python benchmarks/accuracy.py ablation

@@ -16,6 +16,7 @@ from zeroquant.evaluate.latency import kernel_census, measure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from ort_baselines import ort_dynamic, ort_static  # noqa: E402
+from results_file import write_section  # noqa: E402
 
 SHAPE = (3, 16, 16)
 
@@ -104,3 +105,15 @@ def test_ort_baselines_build_runnable_integer_models(models, tmp_path):
         logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         assert logits.shape == (4, 5) and np.abs(logits - reference).max() < 0.1 * np.abs(reference).max() + 0.05
         assert kernel_census(out)["integer_mac_fraction"] == 1.0, name
+
+
+def test_results_sections_replace_only_their_own(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    write_section(results, "w8a8", "## W8A8\n\nfirst")
+    write_section(results, "lowbit", "## Low bit\n\nlow")
+    write_section(results, "w8a8", "## W8A8\n\nsecond")
+    text = results.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert "second" in text and "first" not in text and "low" in text
+    assert text.index("## W8A8") < text.index("## Low bit")  # a rerun keeps the section's place
+    assert text.count("<!-- begin w8a8 -->") == 1

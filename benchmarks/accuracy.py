@@ -1,0 +1,207 @@
+"""Accuracy suites of zeroquant variants against FP32 on the zoo evaluation sets, each writing its own section of
+benchmarks/RESULTS.md (and SUITE.json):
+
+- lowbit: ZeroQ vs Genie distillation, min-max calibration only vs block reconstruction, W4A4 / W4A8, and mixed
+  precision at an average-bits budget (issues 3 and 4);
+- ablation: the W8A8 default with one ingredient changed per row (calibration data, range method, bias correction,
+  cross-layer equalization, weight grid, learned rounding), on ResNet-20 and EfficientNet-Lite0 (issue 7).
+
+Each model and distillation method is distilled once from scratch (its time is reported on its own) and every variant
+calibrates on those images. Besides accuracy it measures how often the exported ONNX model's top-1 equals the PyTorch
+fake-quant simulation's on the evaluation images, which is what the export must preserve.
+
+    python benchmarks/accuracy.py lowbit|ablation [--models resnet20_cifar10,...] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zeroquant.evaluate.accuracy import evaluate_logits, onnx_session, predict_onnx
+from zeroquant.evaluate.datasets import dataset_for_zoo
+from zeroquant.export.onnx_export import to_onnx, write_atomic
+from zeroquant.graph.capture import capture
+from zeroquant.pipeline import QuantizeOptions, distill, export, prepare
+from zeroquant.progress import progress_bar, stderr_console
+from zeroquant.search import bits_for_budget
+from zeroquant.search.pareto import parse_budget
+from zeroquant.zoo.loading import load_model
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_file import provenance, provenance_lines, write_section  # noqa: E402  (a sibling script)
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    options: tuple = ()  # (QuantizeOptions field, value) pairs over the suite's defaults
+    budget: str | None = None  # average weight bits: mixed precision chosen by `quantize --budget`
+
+    def quantize_options(self, base: QuantizeOptions) -> QuantizeOptions:
+        return replace(base, **dict(self.options))
+
+
+def _lowbit(effort: str) -> list[Variant]:
+    """ZeroQ vs Genie x calibration only vs reconstruction x W4A4 / W4A8, and mixed precision at 4.0 bits (A8)."""
+    variants = [Variant(f"{method} W{w}A{a} {'reconstructed' if recon else 'calibration only'}",
+                        (("method", method), ("weight_bits", w), ("activation_bits", a),
+                         ("reconstruct", "on" if recon else "off"), ("effort", effort)))
+                for method in ("zeroq", "genie") for w, a in ((4, 4), (4, 8)) for recon in (False, True)]
+    return variants + [Variant("zeroq mixed 4.0 bits A8 reconstructed", (("reconstruct", "on"), ("effort", effort)),
+                               budget="4.0")]
+
+
+def _ablation(extra: tuple[Variant, ...] = ()) -> list[Variant]:
+    """The W8A8 default, then one ingredient changed per row."""
+    return [Variant("default (zeroq, mse ranges, bias correction auto)"),
+            Variant("calibration: Gaussian noise", (("method", "noise"),)),
+            Variant("calibration: genie", (("method", "genie"),)),
+            *(Variant(f"ranges: {m}", (("range_method", m),)) for m in ("minmax", "percentile", "analytic", "auto")),
+            Variant("bias correction on", (("bias_correction", "on"),)),
+            Variant("bias correction off", (("bias_correction", "off"),)),
+            Variant("cross-layer equalization on", (("equalize", True),)),
+            Variant("full int8 weight grid (no reduce_range)", (("reduce_range", False),)),
+            *extra]
+
+
+SUITES = {
+    "lowbit": {
+        "resnet20_cifar10": _lowbit("default"),
+        "resnet32_cifar10": _lowbit("fast"),
+        "efficientnet_lite0": [
+            Variant("zeroq W4A8 calibration only", (("weight_bits", 4), ("reconstruct", "off"))),
+            Variant("zeroq W4A8 reconstructed (fast)", (("weight_bits", 4), ("effort", "fast"))),
+            Variant("zeroq mixed 5.0 bits A8 calibration only", (("reconstruct", "off"),), budget="5.0")],
+    },
+    "ablation": {
+        "resnet20_cifar10": _ablation((Variant("learned rounding at 8 bits (reconstruct on)",
+                                               (("reconstruct", "on"),)),)),
+        "efficientnet_lite0": _ablation(),
+    },
+}
+
+
+def simulate(sim, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([sim(torch.from_numpy(images[i : i + batch_size])).numpy()
+                               for i in range(0, len(images), batch_size)])
+
+
+def run_model(name: str, variants: list[Variant], args, progress, log) -> dict:
+    folder = args.workdir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(f"zoo:{name}")
+    shape = tuple(loaded.input_shape)
+    data = dataset_for_zoo(name, args.limit)
+    captured = capture(loaded.module, shape)
+    fp32 = folder / "fp32.onnx"
+    write_atomic(fp32, to_onnx(captured.graph_module, shape).SerializeToString())
+    reference = predict_onnx(onnx_session(fp32), data.images)
+    fp32_top1 = evaluate_logits(reference, data.labels)[0]
+    calibs, distill_s, rows = {}, {}, []
+    for variant in variants:
+        options = variant.quantize_options(QuantizeOptions(seed=args.seed))
+        if options.method not in calibs:
+            log(f"{name}: distilling ({options.method})")
+            clock = time.perf_counter()
+            calibs[options.method], _ = distill(loaded, captured.graph_module, shape, options, progress)
+            distill_s[options.method] = round(time.perf_counter() - clock, 1)
+        log(f"{name}: {variant.label}")
+        clock, notes = time.perf_counter(), []
+        if variant.budget:
+            choice = bits_for_budget(loaded, shape, options, parse_budget(variant.budget), progress)
+            options.layer_bits, notes = choice.layer_bits, [choice.note]
+        prepared = prepare(loaded, shape, options, progress, calibs[options.method])
+        path = folder / (re.sub(r"\W+", "_", variant.label).strip("_").lower() + ".onnx")
+        report = export(prepared, loaded, path, options, shape, notes=notes)
+        seconds = time.perf_counter() - clock
+        logits = predict_onnx(onnx_session(path), data.images)
+        sim_logits = simulate(prepared.sim, data.images)
+        top1, _, agreement = evaluate_logits(logits, data.labels, reference)
+        rows.append({"label": variant.label, "options": dict(variant.options), "budget": variant.budget,
+                     "top1": round(top1, 2),
+                     "delta": round(top1 - fp32_top1, 2), "agreement": round(agreement, 2),
+                     "sim_top1": round(evaluate_logits(sim_logits, data.labels)[0], 2),
+                     "onnx_vs_sim_agreement": round(evaluate_logits(logits, data.labels, sim_logits)[2], 2),
+                     "average_weight_bits": _average_bits(prepared.sim), "quantize_s": round(seconds, 1),
+                     "integer_mac_fraction": report.census["integer_mac_fraction"], "file": path.name})
+        log(f"{name}: {variant.label}: top-1 {top1:.2f} (FP32 {fp32_top1:.2f}), {seconds:.0f} s")
+    return {"eval_images": len(data.labels), "fp32_top1": round(fp32_top1, 2), "distill_s": distill_s, "rows": rows}
+
+
+def _average_bits(sim) -> float:
+    """Weight bits averaged over parameters (what --budget constrains)."""
+    layers = sim.layers.values()
+    return round(sum(layer.weight.numel() * layer.bits for layer in layers) / sum(l.weight.numel() for l in layers), 2)
+
+
+TITLES = {"lowbit": "Low-bit and mixed precision: ZeroQ vs Genie, calibration only vs reconstruction",
+          "ablation": "Ablation: each W8A8 ingredient changed alone"}
+
+
+def markdown(results: dict) -> str:
+    lines = [f"## {TITLES[results['suite']]}", "", *provenance_lines(results), "",
+             "Top-1 on the zoo evaluation set, Δ against FP32 in the same run; agreement = % of images whose top-1 "
+             "equals FP32's; ONNX = sim: % of images where the exported ONNX model's top-1 equals the PyTorch "
+             "fake-quant simulation's. Average bits: weight bits averaged over parameters (first and last layers keep "
+             "8 bits, --keep-first-last 8). Distillation runs from scratch once per model and method (its time is "
+             "given above each table); quantize s is everything after it (sensitivity search, calibration, bias "
+             "correction, reconstruction, export, verification).", ""]
+    for name, model in results["models"].items():
+        lines += [f"### {name}", "", f"{model['eval_images']} evaluation images, FP32 top-1 {model['fp32_top1']:.2f}; "
+                  f"distillation: " + ", ".join(f"{m} {s:.0f} s" for m, s in model["distill_s"].items()), "",
+                  "| variant | avg bits | top-1 % | Δ FP32 | agreement % | ONNX = sim % | integer MACs | quantize s |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in model["rows"]:
+            lines.append(f"| {r['label']} | {r['average_weight_bits']:.2f} | {r['top1']:.2f} | {r['delta']:+.2f} | "
+                         f"{r['agreement']:.2f} | {r['onnx_vs_sim_agreement']:.2f} | "
+                         f"{100 * r['integer_mac_fraction']:.0f} % | {r['quantize_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=SUITES, help="which table: " + ", ".join(SUITES))
+    parser.add_argument("--models", help="comma-separated subset of the suite's models")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset of N images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=HERE.parent / "out" / "accuracy", help="where ONNX files go")
+    parser.add_argument("--output", type=Path, default=HERE, help="folder for RESULTS.md and SUITE.json")
+    args = parser.parse_args(argv)
+    models = SUITES[args.suite]
+    names = [n.strip() for n in (args.models or ",".join(models)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; the {args.suite} suite has {', '.join(models)}")
+    args.workdir = args.workdir / args.suite
+    cache = args.workdir / "cache"  # a fresh cache, so distillation is timed from scratch
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["ZEROQUANT_CACHE"] = str(cache)
+    start = time.perf_counter()
+    results = {**provenance(), "suite": args.suite, "models": {}}
+    with progress_bar() as progress:
+        log = (progress.console if progress else stderr_console()).log
+        for name in names:
+            results["models"][name] = run_model(name, models[name], args, progress, log)
+            results["wall_s"] = round(time.perf_counter() - start, 1)
+            args.output.mkdir(parents=True, exist_ok=True)  # written after every model: a long run keeps its part
+            (args.output / f"{args.suite}.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_section(args.output / "RESULTS.md", args.suite, markdown(results))
+    log(f"wrote {args.output / 'RESULTS.md'} in {results['wall_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -71,6 +71,7 @@ def _ablation(extra: tuple[Variant, ...] = ()) -> list[Variant]:
             *(Variant(f"ranges: {m}", (("range_method", m),)) for m in ("minmax", "percentile", "analytic", "auto")),
             Variant("bias correction on", (("bias_correction", "on"),)),
             Variant("bias correction off", (("bias_correction", "off"),)),
+            Variant("bias correction analytic (BN statistics)", (("bias_correction", "analytic"),)),
             Variant("cross-layer equalization on", (("equalize", True),)),
             Variant("full int8 weight grid (no reduce_range)", (("reduce_range", False),)),
             *extra]

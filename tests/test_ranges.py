@@ -93,3 +93,26 @@ def test_cross_layer_equalization_is_exact_and_equalizes():
     w1 = getattr(folded, first.args[1].target).abs().flatten(1).amax(1)
     w2 = getattr(folded, second.args[1].target).reshape(2, 8, 4, -1).abs().amax(dim=(1, 3)).reshape(-1)
     torch.testing.assert_close(w1, w2)
+
+
+def test_analytic_bias_correction_matches_the_measured_shift_on_bn_matched_inputs():
+    """On inputs whose statistics are the BN's (a conv+BN+ReLU fed noise it was trained on), the analytic shift of
+    the layer after it equals the measured one up to sampling and border effects."""
+    from zeroquant.quant.bias_correction import analytic_shift, weight_error_shift
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 6, 3))
+    x = torch.randn(64, 3, 16, 16)
+    model.train()
+    with torch.no_grad():
+        model[1].momentum = None  # cumulative average: the running statistics are those of x exactly
+        model(x)
+    model.eval()
+    sim = build_quantsim(fold_batchnorm(capture(model, (3, 16, 16)).graph_module)[0], 4, 8)
+    name = list(sim.layers)[1]
+    layer, prior = sim.layers[name], sim.activations[sim.layer_inputs[name]].prior
+    with torch.no_grad():
+        hidden = torch.relu(model[1](model[0](x)))
+    measured = weight_error_shift(layer, hidden)
+    torch.testing.assert_close(analytic_shift(layer, prior.expected_mean()), measured, rtol=0.15, atol=2e-3)

@@ -28,6 +28,9 @@ from zeroquant.zoo.loading import LoadedModel
 
 
 
+BIAS_CORRECTION = ("auto", "on", "analytic", "off")
+
+
 @dataclass
 class QuantizeOptions:
     weight_bits: int = 8
@@ -45,7 +48,7 @@ class QuantizeOptions:
     layer_bits: dict[str, int] | None = None  # per-layer weight bits (mixed precision) over weight_bits
     keep_first_last: int = 8  # bits of the first and last layer (weights and their inputs); 0 = no exception
     reconstruct: str = "auto"  # block reconstruction: auto (below 8 bits), on, off
-    bias_correction: str = "auto"  # auto: on for networks with depthwise convs, where it measurably helps
+    bias_correction: str = "auto"  # auto: on (measured) for networks with depthwise convs; on, analytic, off
     equalize: bool = False  # cross-layer equalization of conv -> ReLU -> conv chains (off: see benchmarks/ablation)
     effort: str = "default"
     pack_int4: bool = False  # weights of <= 4 bits as INT4 initializers: smaller file, those layers run in float
@@ -58,9 +61,10 @@ class QuantizeOptions:
             raise UsageError("layer_bits must be 2 to 8 bits per layer")
         if self.keep_first_last and not 2 <= self.keep_first_last <= 8:
             raise UsageError(f"--keep-first-last {self.keep_first_last} is out of range", "0 (off) or 2 to 8 bits")
-        for flag, value in (("--reconstruct", self.reconstruct), ("--bias-correction", self.bias_correction)):
-            if value not in ("auto", "on", "off"):
-                raise UsageError(f"unknown {flag} '{value}'", "choose auto, on or off")
+        for flag, value, allowed in (("--reconstruct", self.reconstruct, ("auto", "on", "off")),
+                                     ("--bias-correction", self.bias_correction, BIAS_CORRECTION)):
+            if value not in allowed:
+                raise UsageError(f"unknown {flag} '{value}'", f"choose {', '.join(allowed)}")
         if self.effort not in EFFORTS:
             raise UsageError(f"unknown --effort '{self.effort}'", f"choose one of {', '.join(EFFORTS)}")
         if self.method not in DISTILLERS:
@@ -194,8 +198,8 @@ def prepare(loaded: LoadedModel, shape, options: QuantizeOptions, progress=None,
     low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
         q.bits < 8 for q in sim.activations.values())
     has_depthwise = any(layer.is_depthwise for layer in sim.layers.values())
-    if options.bias_correction == "on" or (options.bias_correction == "auto" and has_depthwise):
-        correct_biases(sim, calib.images)
+    if options.bias_correction in ("on", "analytic") or (options.bias_correction == "auto" and has_depthwise):
+        correct_biases(sim, calib.images, analytic=options.bias_correction == "analytic")
         lap("bias_correction")
     reconstruction = []
     if options.reconstruct == "on" or (options.reconstruct == "auto" and low_bit):

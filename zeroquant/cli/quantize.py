@@ -48,7 +48,8 @@ def quantize(
                                                                   "sizes): auto (below 8 bits), on or off."),
     effort: str = flags.EFFORT,
     bias_correction: str = typer.Option("auto", "--bias-correction", help="Correct the output shift of weight "
-                                        "rounding: auto (networks with depthwise convs), on or off."),
+                                        "rounding: auto (networks with depthwise convs), on (measured on the "
+                                        "distilled images), analytic (from the BN statistics) or off."),
     equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization of conv -> ReLU -> conv "
                                                             "chains (exact; off by default, see the ablation)."),
     pack_int4: bool = typer.Option(False, "--pack-int4", help="Store weights of <= 4 bits as INT4 (smaller file; "

@@ -1,5 +1,8 @@
 """Bias correction: quantizing weights shifts each output channel's mean by (W - Q(W)) applied to the layer's input.
-Measure that shift on the distilled images (float activations) and fold it back into the bias (Nagel et al. 2019).
+Fold that shift back into the bias (Nagel et al. 2019), with the input's mean either measured on the distilled images
+(float activations) or, `analytic`, computed from the BN statistics behind the input (the mean of a clamped normal
+per channel, ranges.ChannelGaussians), which is the training data's mean; layers whose input no BN describes (after a
+residual add or a pool) are measured.
 """
 
 from __future__ import annotations
@@ -19,13 +22,31 @@ def weight_error_shift(layer, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, error).mean(0)
 
 
-def correct_biases(sim: QuantSim, images: torch.Tensor, batch_size: int = 32) -> None:
-    """Add the measured output shift of every layer to its bias (float pass: activations unquantized)."""
-    sums = {name: 0.0 for name in sim.layers}
+def analytic_shift(layer, input_mean: torch.Tensor) -> torch.Tensor:
+    """(W - Q(W)) applied to a constant input of the given per-channel mean (zero-padding borders ignored)."""
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    error = layer.weight.detach() - layer.integer_weight() * layer.weight_scale.reshape(shape)
+    if layer.kind == "conv":
+        summed = error.sum((2, 3), keepdim=True)
+        return F.conv2d(input_mean.reshape(1, -1, 1, 1), summed, groups=layer.conv_args[3]).flatten()
+    return error @ input_mean
+
+
+def correct_biases(sim: QuantSim, images: torch.Tensor, batch_size: int = 32, analytic: bool = False) -> None:
+    """Add every layer's output shift to its bias: from the BN statistics of its input where known and `analytic`,
+    otherwise measured in a float pass (activations unquantized)."""
+    priors = {name: sim.activations[feeding].prior for name, feeding in sim.layer_inputs.items()
+              if analytic and feeding and sim.activations[feeding].prior is not None}
+    for name, prior in priors.items():
+        layer = sim.layers[name]
+        layer.bias.data += analytic_shift(layer, prior.expected_mean())
+        layer.refresh_bias()
+    measured = [name for name in sim.layers if name not in priors]
+    sums = {name: 0.0 for name in measured}
     hooks = [layer.register_forward_pre_hook(
         lambda module, args, name=name: sums.__setitem__(name, sums[name] + weight_error_shift(module, args[0])
                                                          * len(args[0])))
-        for name, layer in sim.layers.items()]
+        for name, layer in sim.layers.items() if name in sums]
     sim.set_enabled(weights=False, activations=False)
     try:
         with torch.no_grad():
@@ -34,7 +55,8 @@ def correct_biases(sim: QuantSim, images: torch.Tensor, batch_size: int = 32) ->
     finally:
         for hook in hooks:
             hook.remove()
-    for name, layer in sim.layers.items():
+    for name in measured:
+        layer = sim.layers[name]
         layer.bias.data += sums[name] / len(images)
         layer.refresh_bias()
     sim.set_enabled(weights=True, activations=True)

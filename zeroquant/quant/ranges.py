@@ -56,6 +56,17 @@ class ChannelGaussians:
     low: float = -math.inf
     high: float = math.inf
 
+    def expected_mean(self) -> torch.Tensor:
+        """Per channel E[clamp(X, low, high)] for X ~ N(mean, std): what the next layer's input averages to."""
+        mean, std = self.mean.double(), self.std.double().clamp_min(1e-8)
+        low, high = torch.tensor(self.low, dtype=torch.float64), torch.tensor(self.high, dtype=torch.float64)
+        a, b = (low - mean) / std, (high - mean) / std
+        cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
+        pdf = lambda z: torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # noqa: E731  (0 at +-inf)
+        below = torch.where(cdf_a > 0, low * cdf_a, torch.zeros_like(mean))
+        above = torch.where(cdf_b < 1, high * (1 - cdf_b), torch.zeros_like(mean))
+        return (below + above + mean * (cdf_b - cdf_a) + std * (pdf(a) - pdf(b))).float()
+
     def histogram(self, width: float = 6.0) -> HistogramObserver:
         """The mixture of the channels' clamped normals (covering +-`width` std) as a histogram observer."""
         mean, std = self.mean.double(), self.std.double().clamp_min(1e-8)

@@ -7,14 +7,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from tests.conftest import SHARED, make_small_net
 from zeroquant.cli.app import main
 from zeroquant.evaluate.accuracy import onnx_session, predict_onnx
 from zeroquant.evaluate.datasets import dataset_for_zoo
 from zeroquant.pipeline import QuantizeOptions, quantize
-from zeroquant.zoo.loading import LoadedModel, load_model
+from zeroquant.zoo.loading import LoadedModel
 
 FAST = dict(num_images=8, batch_size=8, iterations=5)
 
@@ -38,7 +37,7 @@ def test_small_net_quantizes_to_integer_kernels(tmp_path):
     assert not any(n.op_type in ("Pad", "ReduceMean") for n in model.graph.node)
     assert report.parity["top1_agreement"] >= 95
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (inp,), (outp,) = session.get_inputs(), session.get_outputs()
+    (inp,) = session.get_inputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("input", "tensor(float)", [3, 16, 16])
     x = np.random.default_rng(0).standard_normal((3, 3, 16, 16), dtype=np.float32)
     quantized = session.run(None, {"input": x})[0]
@@ -48,6 +47,15 @@ def test_small_net_quantizes_to_integer_kernels(tmp_path):
     written = json.loads((tmp_path / "small.onnx.json").read_text())
     assert written["census"]["integer_layers"] == report.census["integer_layers"]
     assert len(written["layers"]) == 5 and {layer["weight_qmax"] for layer in written["layers"]} == {63, 127}
+
+
+@pytest.mark.parametrize("options", [dict(range_method="auto", bias_correction="analytic"),
+                                     dict(range_method="analytic", equalize=True, bias_correction="on")])
+def test_range_and_conditioning_options_export_verified_models(tmp_path, options):
+    report = quantize(loaded_small_net(), tmp_path / "small.onnx", QuantizeOptions(**FAST, **options))
+    assert report.census["integer_mac_fraction"] == 1.0
+    assert report.parity["relative_max_diff"] <= 0.1
+    assert report.settings["range_method"] == options["range_method"]
 
 
 def test_same_seed_gives_same_bytes(tmp_path):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
 from tests.conftest import make_small_net
@@ -23,6 +24,28 @@ def test_blocks_follow_the_graph():
     assert [b.layers for b in blocks] == [["stem_0"], ["branch_0"], ["depthwise_1"], ["pointwise_0"], ["head"]]
     owned = [q for b in blocks for q in b.quantizers]
     assert len(owned) == len(set(owned))  # every quantizer's step size is learned in exactly one block
+
+
+class _ViewByBatchSize(torch.nn.Module):
+    """Ends in x.view(x.size(0), -1), as EfficientNet-Lite does: torch.export reads the batch size from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.body(x).view(x.size(0), -1))
+
+
+def test_a_batch_size_read_from_the_input_does_not_merge_all_blocks():
+    model = _ViewByBatchSize().eval()
+    captured = capture(model, (3, 10, 10))
+    x = torch.randn(3, 3, 10, 10)
+    torch.testing.assert_close(captured.graph_module(x), model(x))
+    blocks = find_blocks(build_quantsim(captured.graph_module, 4, 8))
+    assert [len(b.layers) for b in blocks] == [1, 1, 1]
 
 
 def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
         raise UnsupportedModelError(f"torch.export cannot capture the model: {_first_line(exc)}") from exc
     graph_module = exported.module()
     _drop_guards(graph_module)
+    _read_batch_size_locally(graph_module)
     return CapturedModel(graph_module, tuple(input_shape))
 
 
@@ -61,6 +62,33 @@ def _drop_guards(graph_module: torch.fx.GraphModule) -> None:
             graph_module.graph.erase_node(node)
     graph_module.graph.lint()
     graph_module.recompile()
+
+
+def _read_batch_size_locally(graph_module: torch.fx.GraphModule) -> None:
+    """torch.export reads the batch size once, from the input (`sym_size(x, 0)`), and keeps it until e.g. a final
+    `view(batch, -1)`; that would keep the input alive through the whole graph, and blocks for reconstruction are cut
+    where only one tensor is alive. Read it instead from the tensor its user reshapes (the same batch size)."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.target != torch.ops.aten.sym_size.int or node.args[1] != 0:
+            continue
+        for user in list(node.users):
+            source = user.args[0] if user.args else None
+            if not (isinstance(source, torch.fx.Node) and source is not node.args[0] and _batch_leading(source, node)):
+                continue
+            with graph.inserting_before(user):
+                local = graph.call_function(torch.ops.aten.sym_size.int, (source, 0))
+            local.meta = dict(node.meta)
+            user.replace_input_with(node, local)
+        if not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    graph_module.recompile()
+
+
+def _batch_leading(tensor_node: torch.fx.Node, size_node: torch.fx.Node) -> bool:
+    value, size = tensor_node.meta.get("val"), size_node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and str(value.shape[0]) == str(size)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -173,17 +173,30 @@ def markdown(results: dict) -> str:
                   "| variant | avg bits | top-1 % | Δ FP32 | agreement % | ONNX = sim % | integer MACs | quantize s |",
                   "|---|--:|--:|--:|--:|--:|--:|--:|"]
         for r in model["rows"]:
-            lines.append(f"| {r['label']} | {r['average_weight_bits']:.2f} | {r['top1']:.2f} | {r['delta']:+.2f} | "
+            lines.append(f"| {r['label']}{' †' if 'rerun' in r else ''} | {r['average_weight_bits']:.2f} | {r['top1']:.2f} | {r['delta']:+.2f} | "
                          f"{r['agreement']:.2f} | {_or_dash(r['onnx_vs_sim_agreement'])} | "
                          f"{100 * r['integer_mac_fraction']:.0f} % | {r['quantize_s']:.0f} |")
         lines.append("")
+        lines += [f"† re-run {r['rerun']['date']} at zeroquant {r['rerun']['zeroquant']}: `{r['rerun']['command']}`"
+                  for r in model["rows"] if "rerun" in r]
+        lines.append("")
     return "\n".join(lines)
+
+
+def _merge(old: dict, new: dict, rerun: dict) -> dict:
+    """The old model entry with the re-run rows put in place of the rows of the same label."""
+    fresh = {row["label"]: {**row, "rerun": {"date": rerun["date"], "zeroquant": rerun["versions"]["zeroquant"],
+                                             "command": rerun["command"]}} for row in new["rows"]}
+    rows = [fresh.pop(row["label"], row) for row in old["rows"]] + list(fresh.values())
+    return {**old, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=SUITES, help="which table: " + ", ".join(SUITES))
     parser.add_argument("--models", help="comma-separated subset of the suite's models")
+    parser.add_argument("--only", help="re-run only the variants whose label contains this text; their rows replace "
+                                       "those of the same label in the existing SUITE.json, marked as re-run")
     parser.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset of N images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=HERE.parent / "out" / "accuracy", help="where ONNX files go")
@@ -195,20 +208,29 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; the {args.suite} suite has {', '.join(models)}")
     args.workdir = args.workdir / args.suite
-    cache = args.workdir / "cache"  # a fresh cache, so distillation is timed from scratch
-    shutil.rmtree(cache, ignore_errors=True)
+    cache = args.workdir / "cache"  # a fresh cache, so distillation is timed from scratch (a re-run reuses it)
+    if not args.only:
+        shutil.rmtree(cache, ignore_errors=True)
     os.environ["ZEROQUANT_CACHE"] = str(cache)
     start = time.perf_counter()
+    saved = args.output / f"{args.suite}.json"
     results = {**provenance(), "suite": args.suite, "models": {}}
+    if args.only:
+        results, rerun = json.loads(saved.read_text()), provenance()
     with progress_bar() as progress:
         log = (progress.console if progress else stderr_console()).log
         for name in names:
-            results["models"][name] = run_model(name, models[name], args, progress, log)
-            results["wall_s"] = round(time.perf_counter() - start, 1)
+            variants = [v for v in models[name] if not args.only or args.only in v.label]
+            model = run_model(name, variants, args, progress, log)
+            if args.only:
+                model = _merge(results["models"][name], model, rerun)
+            results["models"][name] = model
+            if not args.only:
+                results["wall_s"] = round(time.perf_counter() - start, 1)
             args.output.mkdir(parents=True, exist_ok=True)  # written after every model: a long run keeps its part
-            (args.output / f"{args.suite}.json").write_text(json.dumps(results, indent=2) + "\n")
+            saved.write_text(json.dumps(results, indent=2) + "\n")
             write_section(args.output / "RESULTS.md", args.suite, markdown(results))
-    log(f"wrote {args.output / 'RESULTS.md'} in {results['wall_s'] / 60:.1f} min")
+    log(f"wrote {args.output / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

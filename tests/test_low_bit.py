@@ -82,3 +82,20 @@ def test_pack_int4_shrinks_the_file_and_runs(tmp_path, monkeypatch):
     assert packed.sizes["onnx_bytes"] < plain.sizes["onnx_bytes"]
     assert packed.parity["relative_max_diff"] < 0.1  # same values: onnxruntime computes them in float
     assert packed.census["float_layers"] and any("INT4" in note for note in packed.notes)
+
+
+def test_reconstruction_keeps_relu6_grids_within_6(monkeypatch):
+    """LSQ may stretch the grid after a ReLU6 past 6; the exported ReLU6 then could not be absorbed and a float Clip
+    would stop onnxruntime's QLinearConv fusion. Reconstruction caps such grids at the clamp."""
+    from zeroquant.quant.calibrate import calibrate
+    from zeroquant.quant.reconstruct import reconstruct
+
+    monkeypatch.setitem(EFFORTS, "fast", Effort(5, 8))
+    sim = build_quantsim(fold_batchnorm(capture(make_small_net(), (3, 16, 16)).graph_module)[0], 4, 8)
+    images = torch.randn(16, 3, 16, 16)
+    calibrate(sim, images)
+    after_relu6 = [q for q in sim.activations.values() if q.prior is not None and q.prior.high == 6.0]
+    assert len(after_relu6) == 1
+    after_relu6[0].set_range(0.0, 9.0)  # as if a step size had been learned too large
+    reconstruct(sim, images, "fast")
+    assert after_relu6[0].range[1] <= 6.0 + 1e-6

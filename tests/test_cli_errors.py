@@ -185,8 +185,13 @@ def test_interrupt_during_a_stage(capsys, models, out, monkeypatch, error):
 
 def test_ctrl_c_while_writing(capsys, models, out, monkeypatch):
     """A real SIGINT while the report is written: the ONNX file already in place is removed again."""
-    fail_writes_of(monkeypatch, ".model.onnx.json.", lambda: os.kill(os.getpid(), signal.SIGINT))
-    assert_failed(quantize(capsys, models["archive"], out), 130, "interrupted", out)
+    # Python's own handler, even where the parent made SIGINT ignored (a job started in the background with `&`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        fail_writes_of(monkeypatch, ".model.onnx.json.", lambda: os.kill(os.getpid(), signal.SIGINT))
+        assert_failed(quantize(capsys, models["archive"], out), 130, "interrupted", out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_debug_shows_the_traceback(capsys, out):

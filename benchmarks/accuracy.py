@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zeroquant.errors import VerificationError
 from zeroquant.evaluate.accuracy import evaluate_logits, onnx_session, predict_onnx
 from zeroquant.evaluate.datasets import dataset_for_zoo
 from zeroquant.export.onnx_export import to_onnx, write_atomic
@@ -126,7 +127,13 @@ def run_model(name: str, variants: list[Variant], args, progress, log) -> dict:
             options.layer_bits, notes = choice.layer_bits, [choice.note]
         prepared = prepare(loaded, shape, options, progress, calibs[options.method])
         path = folder / (re.sub(r"\W+", "_", variant.label).strip("_").lower() + ".onnx")
-        report = export(prepared, loaded, path, options, shape, notes=notes)
+        try:
+            report = export(prepared, loaded, path, options, shape, notes=notes)
+        except VerificationError as exc:  # zeroquant refuses to write it: that is the row's result
+            rows.append({"label": variant.label, "options": dict(variant.options), "budget": variant.budget,
+                         "refused": str(exc), "quantize_s": round(time.perf_counter() - clock, 1)})
+            log(f"{name}: {variant.label}: refused ({exc})")
+            continue
         seconds = time.perf_counter() - clock
         logits = predict_onnx(onnx_session(path), data.images)
         sim_logits = simulate(prepared.sim, data.images) if args.suite in SIM_CHECKED else None
@@ -173,6 +180,9 @@ def markdown(results: dict) -> str:
                   "| variant | avg bits | top-1 % | Δ FP32 | agreement % | ONNX = sim % | integer MACs | quantize s |",
                   "|---|--:|--:|--:|--:|--:|--:|--:|"]
         for r in model["rows"]:
+            if "refused" in r:
+                lines.append(f"| {r['label']} | | refused: {r['refused']} | | | | | {r['quantize_s']:.0f} |")
+                continue
             lines.append(f"| {r['label']}{' †' if 'rerun' in r else ''} | {r['average_weight_bits']:.2f} | {r['top1']:.2f} | {r['delta']:+.2f} | "
                          f"{r['agreement']:.2f} | {_or_dash(r['onnx_vs_sim_agreement'])} | "
                          f"{100 * r['integer_mac_fraction']:.0f} % | {r['quantize_s']:.0f} |")

@@ -167,7 +167,7 @@ TITLES = {"lowbit": "Low-bit and mixed precision: ZeroQ vs Genie, calibration on
 
 
 def markdown(results: dict) -> str:
-    lines = [f"## {TITLES[results['suite']]}", "", *provenance_lines(results), "",
+    lines = [f"## {TITLES[results['suite']]}", "",
              "Top-1 on the zoo evaluation set, Δ against FP32 in the same run; agreement = % of images whose top-1 "
              "equals FP32's; ONNX = sim: % of images where the exported ONNX model's top-1 equals the PyTorch "
              "fake-quant simulation's. Average bits: weight bits averaged over parameters (first and last layers keep "
@@ -175,7 +175,8 @@ def markdown(results: dict) -> str:
              "given above each table); quantize s is everything after it (sensitivity search, calibration, bias "
              "correction, reconstruction, export, verification).", ""]
     for name, model in results["models"].items():
-        lines += [f"### {name}", "", f"{model['eval_images']} evaluation images, FP32 top-1 {model['fp32_top1']:.2f}; "
+        lines += [f"### {name}", "", *provenance_lines(model["run"]), "",
+                  f"{model['eval_images']} evaluation images, FP32 top-1 {model['fp32_top1']:.2f}; "
                   f"distillation: " + ", ".join(f"{m} {s:.0f} s" for m, s in model["distill_s"].items()), "",
                   "| variant | avg bits | top-1 % | Δ FP32 | agreement % | ONNX = sim % | integer MACs | quantize s |",
                   "|---|--:|--:|--:|--:|--:|--:|--:|"]
@@ -222,25 +223,24 @@ def main(argv: list[str] | None = None) -> None:
     if not args.only:
         shutil.rmtree(cache, ignore_errors=True)
     os.environ["ZEROQUANT_CACHE"] = str(cache)
-    start = time.perf_counter()
     saved = args.output / f"{args.suite}.json"
-    results = {**provenance(), "suite": args.suite, "models": {}}
-    if args.only:
-        results, rerun = json.loads(saved.read_text()), provenance()
+    # models not run this time keep their earlier entries (each carries its own date, versions and command)
+    results = json.loads(saved.read_text()) if saved.exists() else {"suite": args.suite, "models": {}}
     with progress_bar() as progress:
         log = (progress.console if progress else stderr_console()).log
         for name in names:
+            run, start = provenance(), time.perf_counter()
             variants = [v for v in models[name] if not args.only or args.only in v.label]
             model = run_model(name, variants, args, progress, log)
             if args.only:
-                model = _merge(results["models"][name], model, rerun)
+                model = _merge(results["models"][name], model, run)
+            else:
+                model["run"] = {**run, "wall_s": round(time.perf_counter() - start, 1)}
             results["models"][name] = model
-            if not args.only:
-                results["wall_s"] = round(time.perf_counter() - start, 1)
             args.output.mkdir(parents=True, exist_ok=True)  # written after every model: a long run keeps its part
             saved.write_text(json.dumps(results, indent=2) + "\n")
             write_section(args.output / "RESULTS.md", args.suite, markdown(results))
-    log(f"wrote {args.output / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
+    log(f"wrote {args.output / 'RESULTS.md'}")
 
 
 if __name__ == "__main__":

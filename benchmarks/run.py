@@ -22,7 +22,7 @@ import numpy as np
 
 from zeroquant.evaluate.accuracy import evaluate_logits, onnx_session, predict_onnx
 from zeroquant.evaluate.datasets import dataset_for_zoo, load_image_folder
-from zeroquant.evaluate.latency import kernel_census, measure
+from zeroquant.evaluate.latency import kernel_census, kind_rows, measure, time_by_kind
 from zeroquant.pipeline import QuantizeOptions, quantize
 from zeroquant.progress import progress_bar, stderr_console
 from zeroquant.zoo.loading import LoadedModel, load_model
@@ -118,6 +118,9 @@ def run_model(name: str, setup: Setup, args, progress, log) -> dict:
     log(f"{name}: latency, interleaved over {len(order)} models")
     latency = dict(zip(order, measure([paths[v] for v in order], 1, args.threads, seconds=args.latency_seconds,
                                       progress=progress)))
+    log(f"{name}: profiling {', '.join(PROFILED)}")
+    profile_runs = min(latency["FP32"].runs, 200)
+    by_kind = {v: [k.to_dict() for k in time_by_kind(paths[v], 1, args.threads, profile_runs)] for v in PROFILED}
     reference = predict_onnx(onnx_session(fp32, args.threads), data.images)
     rows = []
     for variant in order:
@@ -135,29 +138,50 @@ def run_model(name: str, setup: Setup, args, progress, log) -> dict:
             "quantize_s": seconds[variant],
         })
     return {"eval_images": len(data.labels), "noise_calib_images": len(noise), "real_calib_images": len(job.real),
-            "latency_runs": latency["FP32"].runs, "note": setup.note, "rows": rows}
+            "latency_runs": latency["FP32"].runs, "note": setup.note, "rows": rows,
+            "profile_runs": profile_runs, "time_by_kind": by_kind}
+
+
+PROFILED = ("FP32", "ORT static, real calib, reduce_range", "zeroquant W8A8")  # kernel time per layer kind
+
+
+def _profile_markdown(model: dict) -> list[str]:
+    """Kernel ms per layer kind for the PROFILED variants, with each quantized one's ratio to FP32."""
+    variants = list(model["time_by_kind"])  # FP32 first
+    lines = [f"Where the time goes (onnxruntime's profiler, median kernel ms per run over {model['profile_runs']} "
+             "runs, layer count in brackets):", "",
+             "| layer kind | FP32 ms | " + " | ".join(f"{v} ms | / FP32" for v in variants[1:]) + " |",
+             "|---|--:|" + "--:|--:|" * (len(variants) - 1)]
+    for label, ms in kind_rows(list(model["time_by_kind"].values())):
+        cells = [label, _ms(ms[0])]
+        for this in ms[1:]:
+            cells += [_ms(this), f"{this / ms[0]:.2f}" if this is not None and ms[0] else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _ms(ms: float | None) -> str:
+    return "–" if ms is None else f"{ms:.2f}"
 
 
 def markdown(results: dict) -> str:
     lines = [
-        f"## W8A8: zeroquant against onnxruntime's quantizers{' (quick subset)' if results['quick'] else ''}", "",
-        *provenance_lines(results), "",
+        "## W8A8: zeroquant against onnxruntime's quantizers", "",
         "Accuracy: top-1 on the zoo evaluation set; agreement = % of images whose top-1 class equals the FP32 "
-        "model's. Size: the ONNX file. Latency: median of batch-1 onnxruntime CPU runs with "
-        f"{results['threads']} threads, interleaved run by run across all variants of the model (idle workers do "
-        "not spin), as a ratio to FP32 (below 1 is faster). Quantize time: wall time to build the file (image "
-        "loading excluded; zeroquant includes distillation, ORT includes quant_pre_process and calibration).", "",
+        "model's. Size: the ONNX file. Latency: median of batch-1 onnxruntime CPU runs (threads as given per model), "
+        "interleaved run by run across all variants of the model (idle workers do not spin), as a ratio to FP32 "
+        "(below 1 is faster). Quantize time: wall time to build the file (image loading excluded; zeroquant includes "
+        "distillation, ORT includes quant_pre_process and calibration).", "",
         "ORT static uses QDQ, per-channel int8 weights, uint8 activations, MinMax. On CPUs without VNNI onnxruntime's "
         "u8s8 kernels can saturate int16 intermediate sums with full-range int8 weights; the reduce_range row "
         "(7-bit weights) shows how much of ORT's accuracy loss comes from that. zeroquant's default uses a 7-bit "
         "weight grid for non-depthwise layers for the same reason.", "",
     ]
-    if results["quick"]:
-        lines += ["Quick subset: fewer images, shorter timing, and zeroquant may reuse a cached distilled set (then "
-                  "its quantize time leaves out distillation). Not for quoting.", ""]
     for name, model in results["models"].items():
-        lines += [f"### {name}", "",
-                  f"{model['eval_images']} evaluation images; ORT calibration: {model['noise_calib_images']} noise / "
+        run = model["run"]
+        lines += [f"### {name}{' (quick subset: not for quoting)' if run['quick'] else ''}", "",
+                  *provenance_lines(run), "",
+                  f"{run['threads']} onnxruntime threads; {model['eval_images']} evaluation images; ORT calibration: {model['noise_calib_images']} noise / "
                   f"{model['real_calib_images']} real images; latency over {model['latency_runs']} runs each. "
                   f"{model['note']}".rstrip(), "",
                   "| variant | top-1 % | agreement % | MB | size / FP32 | latency / FP32 | median ms | integer MACs "
@@ -169,6 +193,8 @@ def markdown(results: dict) -> str:
                          f"{r['size_ratio']:.2f} | {r['latency_ratio']:.2f} | {r['latency_ms']['median_ms']:.3f} | "
                          f"{100 * r['integer_mac_fraction']:.0f} % | {quantize_s} |")
         lines.append("")
+        if "time_by_kind" in model:
+            lines += _profile_markdown(model)
     return "\n".join(lines)
 
 
@@ -186,18 +212,19 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     args.latency_seconds = 5.0 if args.quick else 30.0
-    start = time.perf_counter()
-    results = {**provenance(), "quick": args.quick, "threads": args.threads, "models": {}}
+    saved = args.output / "results.json"
+    # models not run this time keep their earlier entries (each carries its own date, versions and command)
+    results = json.loads(saved.read_text()) if saved.exists() else {"models": {}}
     with progress_bar() as progress:
         log = (progress.console if progress else stderr_console()).log
         for name in names:
-            results["models"][name] = run_model(name, MODELS[name], args, progress, log)
-    results["wall_s"] = round(time.perf_counter() - start, 1)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_section(args.output / "RESULTS.md", "w8a8", markdown(results))
-    log(f"wrote {args.output / 'RESULTS.md'} in {results['wall_s'] / 60:.1f} min")
-
+            run, start = provenance() | {"quick": args.quick, "threads": args.threads}, time.perf_counter()
+            model = run_model(name, MODELS[name], args, progress, log)
+            results["models"][name] = model | {"run": run | {"wall_s": round(time.perf_counter() - start, 1)}}
+            args.output.mkdir(parents=True, exist_ok=True)  # written after every model: a long run keeps its part
+            saved.write_text(json.dumps(results, indent=2) + "\n")
+            write_section(args.output / "RESULTS.md", "w8a8", markdown(results))
+    log(f"wrote {args.output / 'RESULTS.md'}")
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from zeroquant.cli.app import main
-from zeroquant.evaluate.latency import kernel_census, measure
+from zeroquant.evaluate.latency import kernel_census, measure, time_by_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from ort_baselines import ort_dynamic, ort_static  # noqa: E402
@@ -86,6 +86,31 @@ def test_bench_table_and_errors(models, capsys):
     assert "(MODEL)" in out and "QLinearConv 1" in out and "FusedConv 1" in out and "interleaved" in out
     assert main(["bench", str(fp32.parent / "missing.onnx"), "--runs", "3"]) == 3
     assert main(["bench", str(fp32), "--runs", "0"]) == 2
+
+
+def test_profile_groups_kernel_time_by_layer_kind(models, tmp_path, capsys):
+    """A pointwise -> depthwise -> linear net: each layer lands in its own kind, float and integer alike."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 5, groups=8),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    fp32 = tmp_path / "dw.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, *SHAPE),), fp32, dynamo=False, input_names=["x"])
+    by_kind = {k.kind: k for k in time_by_kind(fp32, runs=5)}
+    assert {kind: k.layers for kind, k in by_kind.items() if kind in ("pointwise 1x1", "depthwise 5x5",
+                                                                      "fully connected")} == {
+        "pointwise 1x1": 1, "depthwise 5x5": 1, "fully connected": 1}
+    assert all(k.ms > 0 for k in by_kind.values())
+
+    _, qdq = models
+    quantized, float_row = _bench_json(capsys, qdq, "--vs", models[0], "--profile")["models"]
+    assert {k["kind"] for k in quantized["time_by_kind"]} >= {"dense conv 3x3", "fully connected"}
+    assert "QuantizeLinear" in {k["kind"] for k in quantized["time_by_kind"]}  # other ops keep their op type
+    assert "QuantizeLinear" not in {k["kind"] for k in float_row["time_by_kind"]}
+    assert main(["bench", str(qdq), "--vs", str(models[0]), "--runs", "3", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "where the time goes" in out and "dense conv 3x3 (1)" in out and "all kernels" in out
 
 
 def test_measure_picks_enough_runs(models):

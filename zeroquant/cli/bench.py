@@ -19,12 +19,14 @@ def bench(
     batch: int = typer.Option(1, "--batch", help="Images per run."),
     threads: int = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: one per core)."),
     runs: int = typer.Option(None, "--runs", help="Timed runs per model (default: enough for about 10 s)."),
+    profile: bool = typer.Option(False, "--profile", help="Also time every kernel with onnxruntime's profiler and "
+                                                          "show the time per layer kind (depthwise, pointwise, ...)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Latency (median, p90), throughput, file size and the kernels onnxruntime runs; with --vs, every model is
     timed interleaved run by run in the same process, so the ratios are not skewed by changing machine load."""
     from zeroquant.errors import UsageError
-    from zeroquant.evaluate.latency import kernel_census, measure
+    from zeroquant.evaluate.latency import kernel_census, measure, time_by_kind
 
     if batch < 1 or (runs is not None and runs < 1) or (threads is not None and threads < 1):
         raise UsageError("--batch, --runs and --threads must be positive")
@@ -32,6 +34,9 @@ def bench(
     with progress_bar(False if json_out else None) as progress:
         latencies = measure(paths, batch, threads, runs, progress=progress)
     rows = [lat.to_dict() | {"bytes": p.stat().st_size, "census": kernel_census(p)} for p, lat in zip(paths, latencies)]
+    if profile:
+        for path, row in zip(paths, rows):
+            row["time_by_kind"] = [k.to_dict() for k in time_by_kind(path, batch, threads, min(latencies[0].runs, 200))]
     for row in rows[1:]:
         row["ratio"] = {"latency": rows[0]["median_ms"] / row["median_ms"], "size": rows[0]["bytes"] / row["bytes"]}
     if json_out:
@@ -53,6 +58,28 @@ def bench(
                         _counts(census["float_kernels"]))
     stdout.print(table)
     stdout.print(kernels)
+    if profile:
+        stdout.print(_profile_table(rows))
+
+
+def _profile_table(rows: list[dict]) -> Table:
+    """Kernel ms per layer kind, one column per model, MODEL / this for the --vs models."""
+    from zeroquant.evaluate.latency import kind_rows
+
+    table = Table(title="where the time goes: onnxruntime profiler, median kernel ms per run", title_justify="left")
+    table.add_column("layer kind (layers)")
+    for i, row in enumerate(rows):
+        table.add_column(Path(row["path"]).name + (" (MODEL)" if i == 0 else ""), justify="right", overflow="fold")
+        if i:
+            table.add_column("MODEL / this", justify="right")
+    for label, ms in kind_rows([row["time_by_kind"] for row in rows]):
+        cells = [label]
+        for i, this in enumerate(ms):
+            cells.append("–" if this is None else f"{this:.3f}")
+            if i:
+                cells.append(f"{ms[0] / this:.2f}x" if ms[0] is not None and this else "–")
+        table.add_row(*cells)
+    return table
 
 
 def _counts(ops: dict[str, int]) -> str:

@@ -30,9 +30,10 @@ class EvalResult:
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
 
-def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = True,
+                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """A CPU session; spinning=False lets idle intra-op workers sleep (for sessions timed interleaved)."""
-    options = ort.SessionOptions()
+    options = options or ort.SessionOptions()
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

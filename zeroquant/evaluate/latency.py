@@ -3,7 +3,10 @@ alike, and a census of the kernels onnxruntime really runs for any ONNX file (ze
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "Gemm", 
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "QLinearConv": 3,
                 "Gemm": 1, "MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "QGemm": 3}
 CONV_LIKE = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"}
+CONV_KERNELS = CONV_LIKE | {"FusedConv", "NhwcFusedConv"}  # convolutions as onnxruntime's optimised graph names them
 
 
 @dataclass
@@ -111,3 +115,72 @@ def measure(paths: list[str | Path], batch: int = 1, threads: int | None = None,
     ms = 1e3 * np.array(times)
     return [Latency(str(p), runs, float(np.median(t)), float(np.percentile(t, 90)), float(t.mean()), float(t.min()),
                     1e3 * batch / float(np.median(t))) for p, t in zip(paths, ms.T)]
+
+
+@dataclass
+class KindTime:
+    kind: str  # "depthwise 3x3", "pointwise 1x1", "dense conv 3x3", "fully connected", or an op type
+    layers: int  # nodes of this kind in onnxruntime's optimised graph
+    ms: float  # summed per-node median kernel time per run
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_by_kind(path: str | Path, batch: int = 1, threads: int | None = None, runs: int = 50) -> list[KindTime]:
+    """Where a model's time goes: onnxruntime's profiler times every kernel of its optimised graph, and the nodes
+    are grouped by layer kind (read from that graph's weights and group attribute), slowest kind first.
+
+    This is what explains a latency ratio: on CPUs without VNNI, for example, int8 depthwise kernels are slower
+    than onnxruntime's float ones while int8 pointwise kernels are faster.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        options.optimized_model_filepath = str(Path(folder) / "optimised.onnx")
+        session = onnx_session(path, threads, options=options)
+        feed = random_feed(session, batch)
+        warmup = min(5, runs)
+        for _ in range(warmup + runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        kinds = _layer_kinds(onnx.load(options.optimized_model_filepath))
+    durations = defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            node = event["name"].removesuffix("_kernel_time")
+            durations[kinds.get(node) or event["args"]["op_name"], node].append(event["dur"])
+    totals, counts = defaultdict(float), defaultdict(int)
+    for (kind, _), times in durations.items():
+        totals[kind] += float(np.median(times[warmup:])) / 1e3
+        counts[kind] += 1
+    return sorted((KindTime(k, counts[k], round(totals[k], 4)) for k in totals), key=lambda t: -t.ms)
+
+
+def _layer_kinds(optimised: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> layer kind for the convolutions and matrix products of onnxruntime's optimised graph."""
+    weights = {i.name: list(i.dims) for i in optimised.graph.initializer}
+    kinds = {}
+    for node in optimised.graph.node:
+        index = WEIGHT_INPUT.get(node.op_type, 1)
+        if node.op_type in FLOAT_KERNELS - CONV_KERNELS or node.op_type in {"QGemm", "QLinearMatMul", "MatMulInteger"}:
+            kinds[node.name] = "fully connected"
+        elif node.op_type in CONV_KERNELS and index < len(node.input) and len(weights.get(node.input[index], [])) == 4:
+            out_channels, in_per_group, kh, kw = weights[node.input[index]]
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1:
+                kinds[node.name] = f"depthwise {kh}x{kw}" if in_per_group == 1 else f"grouped conv {kh}x{kw}"
+            else:
+                kinds[node.name] = "pointwise 1x1" if kh == kw == 1 else f"dense conv {kh}x{kw}"
+    return kinds
+
+
+def kind_rows(profiles: list[list[dict]]) -> list[tuple[str, list[float | None]]]:
+    """Side by side: (label, ms per model or None) for every layer kind any model has, in order of first
+    appearance, labelled with its layer count, then an "all kernels" total row."""
+    times = [{k["kind"]: k for k in kinds} for kinds in profiles]
+    layers = {kind: k["layers"] for by_kind in reversed(times) for kind, k in by_kind.items()}
+    rows = [(f"{kind} ({layers[kind]})", [by_kind[kind]["ms"] if kind in by_kind else None for by_kind in times])
+            for kind in dict.fromkeys(kind for by_kind in times for kind in by_kind)]
+    return rows + [("all kernels", [sum(k["ms"] for k in by_kind.values()) for by_kind in times])]

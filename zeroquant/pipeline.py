@@ -220,9 +220,7 @@ def quantize(loaded: LoadedModel, output: str | Path, options: QuantizeOptions |
     """
     options = options or QuantizeOptions()
     options.validate()
-    shape = tuple(input_shape or loaded.input_shape or ())
-    if not shape:
-        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    shape = loaded.shape(input_shape)
     prepared = prepare(loaded, shape, options, progress, calib)
     return export(prepared, loaded, output, options, shape, float_output, notes)
 

@@ -55,9 +55,7 @@ def inspect(
                               effort=effort)
     options.validate()
     loaded = _load(model, arch, weights, trust_pickle)
-    shape = parse_shape(input_shape) or loaded.input_shape
-    if not shape:
-        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    shape = loaded.shape(parse_shape(input_shape))
     with progress_bar(False if json_out else None) as progress:
         report = measure(prepare(loaded, shape, options, progress), top or None)
     if json_out:

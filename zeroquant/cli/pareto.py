@@ -61,9 +61,7 @@ def pareto(
                               reduce_range=not full_range, use_cache=not no_cache, keep_first_last=keep_first_last)
     options.validate()
     loaded = _load(model, arch, weights, trust_pickle)
-    shape = parse_shape(input_shape) or loaded.input_shape
-    if not shape:
-        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    shape = loaded.shape(parse_shape(input_shape))
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

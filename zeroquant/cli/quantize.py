@@ -75,8 +75,8 @@ def quantize(
     if budget is not None and wbits != 8:
         raise UsageError("--budget chooses the weight bits of every layer; it does not combine with --wbits")
     limit = parse_budget(budget) if budget is not None else None
-    shape = parse_shape(input_shape)
     loaded = _load(model, arch, weights, trust_pickle)
+    shape = loaded.shape(parse_shape(input_shape))
     output = output or Path(f"{loaded.name}-{f'b{budget}' if budget else f'w{wbits}'}a{abits}.onnx")
     for path in (output, float_output):
         if path:
@@ -84,9 +84,7 @@ def quantize(
     notes, chosen, calib = [], "", None
     with progress_bar(False if json_out else None) as progress:
         if limit is not None:
-            if not (shape or loaded.input_shape):
-                raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
-            choice = bits_for_budget(loaded, shape or loaded.input_shape, options, limit, progress)
+            choice = bits_for_budget(loaded, shape, options, limit, progress)
             options.layer_bits, chosen, calib = choice.layer_bits, choice.chosen, choice.calib
             notes.append(choice.note)
         report = run_quantize(loaded, output, options, shape, progress, float_output, notes, calib)
@@ -149,9 +147,7 @@ def distill(
                               seed=seed, device=device)
     options.validate()
     loaded = _load(model, arch, weights, trust_pickle)
-    shape = parse_shape(input_shape) or loaded.input_shape
-    if not shape:
-        raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+    shape = loaded.shape(parse_shape(input_shape))
     output.mkdir(parents=True, exist_ok=True)
     if preview:  # checked before distilling, which can take minutes
         check_channels(shape[0])

@@ -13,9 +13,9 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.graph.ops import is_relu_like, relu_upper_bound
+from zeroquant.graph.ops import relu_upper_bound
 from zeroquant.quant.quantizers import INT32_MAX, ActivationQuantizer, QuantizedLayer
-from zeroquant.quant.sim import QuantSim
+from zeroquant.quant.sim import QuantSim, clamp_quantizers
 
 qd = torch.ops.quantized_decomposed
 
@@ -84,13 +84,7 @@ def _drop_redundant_clamps(gm: torch.fx.GraphModule, sim: QuantSim) -> None:
     """Remove a ReLU/ReLU6 whose only user is a quantizer that already clamps to within its bounds (zero point 0,
     top of the grid <= 6). onnxruntime does this itself at 8 bits; below 8 bits the clamp sits on the uint8 tensor
     instead, where onnxruntime cannot see it, and the float Clip left in place would stop QLinearConv fusion."""
-    for node in list(gm.graph.nodes):
-        users = list(node.users)
-        if not (is_relu_like(node) and len(users) == 1 and users[0].op == "call_module"):
-            continue
-        quantizer = sim.activations.get(users[0].target)
-        if quantizer is None or not quantizer.enabled or quantizer.zero_point != 0:
-            continue
-        if quantizer.range[1] <= relu_upper_bound(node) + 1e-6:
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
+    for clamp, quantizer in clamp_quantizers(gm.graph, sim.activations):
+        if quantizer.range[1] <= relu_upper_bound(clamp) + 1e-6:
+            clamp.replace_all_uses_with(clamp.args[0])
+            gm.graph.erase_node(clamp)

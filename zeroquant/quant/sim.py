@@ -116,6 +116,17 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
     return QuantSim(gm, layers, activations, float_ops, layer_inputs)
 
 
+def clamp_quantizers(graph: torch.fx.Graph, activations: dict[str, ActivationQuantizer]):
+    """Yield (ReLU/ReLU6 node, quantizer) where that enabled zero-point-0 quantizer is the clamp's only user, so its
+    grid can stand for the clamp (the graph may be edited between yields)."""
+    for node in list(graph.nodes):
+        users = list(node.users)
+        if is_relu_like(node) and len(users) == 1 and users[0].op == "call_module":
+            quantizer = activations.get(users[0].target)
+            if quantizer is not None and quantizer.enabled and quantizer.zero_point == 0:
+                yield node, quantizer
+
+
 def output_prior(node: torch.fx.Node) -> ChannelGaussians | None:
     """The training-data distribution of a folded conv+BN's output, clamped by the relu-like op producing `node`."""
     low, high = -math.inf, math.inf

@@ -34,6 +34,13 @@ class LoadedModel:
     exported: torch.export.ExportedProgram | None  # set when the file was a torch.export archive
     digest: str  # sha256 of the model (or zoo weights) file: a cache key
 
+    def shape(self, given: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+        """The C,H,W to use: `given` (--input-shape) over the model's own; an error when neither is known."""
+        shape = tuple(given or self.input_shape or ())
+        if not shape:
+            raise UsageError("the input shape is unknown for this model", "pass --input-shape C,H,W")
+        return shape
+
 
 def load_model(
     source: str, arch: str | None = None, weights: str | None = None, trust_pickle: bool = False

@@ -49,7 +49,7 @@ def _quantized_weight(layer) -> torch.Tensor:
 
 def layer_sqnr(prepared: Prepared) -> list[LayerSQNR]:
     """SQNR of every conv/linear output, worst first. The reference is a fresh float simulation of the captured
-    graph, since bias correction and reconstruction change the prepared simulation's float weights too."""
+    graph, since reconstruction leaves the prepared simulation's weights on their learned grid."""
     sim, images = prepared.sim, prepared.calib.images
     reference = build_quantsim(fold_batchnorm(prepared.graph_module)[0])  # every quantizer disabled
     signal = dict.fromkeys(sim.layers, 0.0)

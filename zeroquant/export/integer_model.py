@@ -48,7 +48,7 @@ class IntegerLayer(nn.Module):
         self.register_buffer("weight_scale", layer.weight_scale.clone())
         self.register_buffer("zero_point", torch.zeros(len(layer.weight_scale), dtype=torch.int64))
         if layer.input_scale is None:  # input not quantized: the bias stays float (this layer runs in float)
-            self.register_buffer("bias", layer.bias.detach().clone())
+            self.register_buffer("bias", layer.corrected_bias)
             self.bias_scale = None
         else:
             bias_scale = layer.input_scale * layer.weight_scale

@@ -33,13 +33,13 @@ def analytic_shift(layer, input_mean: torch.Tensor) -> torch.Tensor:
 
 
 def correct_biases(sim: QuantSim, images: torch.Tensor, batch_size: int = 32, analytic: bool = False) -> None:
-    """Add every layer's output shift to its bias: from the BN statistics of its input where known and `analytic`,
-    otherwise measured in a float pass (activations unquantized)."""
+    """Add every layer's output shift to the bias it has when quantized (layer.bias_shift): from the BN statistics of
+    its input where known and `analytic`, otherwise measured in a float pass (activations unquantized)."""
     priors = {name: sim.activations[feeding].prior for name, feeding in sim.layer_inputs.items()
               if analytic and feeding and sim.activations[feeding].prior is not None}
     for name, prior in priors.items():
         layer = sim.layers[name]
-        layer.bias.data += analytic_shift(layer, prior.expected_mean())
+        layer.bias_shift += analytic_shift(layer, prior.expected_mean())
         layer.refresh_bias()
     measured = [name for name in sim.layers if name not in priors]
     sums = {name: 0.0 for name in measured}
@@ -57,6 +57,6 @@ def correct_biases(sim: QuantSim, images: torch.Tensor, batch_size: int = 32, an
             hook.remove()
     for name in measured:
         layer = sim.layers[name]
-        layer.bias.data += sums[name] / len(images)
+        layer.bias_shift += sums[name] / len(images)
         layer.refresh_bias()
     sim.set_enabled(weights=True, activations=True)

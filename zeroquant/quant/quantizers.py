@@ -99,6 +99,9 @@ class QuantizedLayer(nn.Module):
         self.bits = bits
         self.reduce_range = reduce_range and not self.is_depthwise
         self.register_buffer("weight_scale", symmetric_scales(self.channel_absmax(), self.qmax))
+        # bias correction's shift, added only when the layer is quantized: the float path must stay the float model,
+        # since reconstruction takes its targets from it
+        self.register_buffer("bias_shift", torch.zeros_like(self.bias))
         self.register_buffer("quantized_bias", self.bias.detach().clone())
         self.input_scale: float | None = None
         self.enabled = False
@@ -117,13 +120,18 @@ class QuantizedLayer(nn.Module):
         self.weight_scale = scale.float().clamp_min(1e-10)
         self.refresh_bias()
 
+    @property
+    def corrected_bias(self) -> torch.Tensor:
+        """The bias of the quantized layer: the float bias plus bias correction's shift."""
+        return self.bias.detach() + self.bias_shift
+
     def refresh_bias(self) -> None:
         """Round the bias to the int32 grid onnxruntime uses; needs the scale of this layer's input quantizer."""
         if self.input_scale is None:
-            self.quantized_bias = self.bias.detach().clone()
+            self.quantized_bias = self.corrected_bias
             return
         step = self.input_scale * self.weight_scale
-        self.quantized_bias = (self.bias.detach() / step).round().clamp(-INT32_MAX, INT32_MAX) * step
+        self.quantized_bias = (self.corrected_bias / step).round().clamp(-INT32_MAX, INT32_MAX) * step
 
     @property
     def is_depthwise(self) -> bool:
@@ -172,7 +180,7 @@ class QuantizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and self.rounding is not None:
-            weight, bias = self.soft_weight(), self.bias
+            weight, bias = self.soft_weight(), self.corrected_bias
         elif self.enabled:
             zero = torch.zeros_like(self.weight_scale, dtype=torch.int32)
             weight = torch.fake_quantize_per_channel_affine(self.weight, self.weight_scale, zero, 0, -self.qmax, self.qmax)

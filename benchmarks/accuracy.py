@@ -85,7 +85,8 @@ SUITES = {
         "efficientnet_lite0": [
             Variant("zeroq W4A8 calibration only", (("weight_bits", 4), ("reconstruct", "off"))),
             Variant("zeroq W4A8 reconstructed (fast)", (("weight_bits", 4), ("effort", "fast"))),
-            Variant("zeroq mixed 5.0 bits A8 calibration only", (("reconstruct", "off"),), budget="5.0")],
+            Variant("zeroq mixed 5.0 bits A8 calibration only", (("reconstruct", "off"),), budget="5.0"),
+            Variant("zeroq mixed 5.0 bits A8 reconstructed (fast)", (("effort", "fast"),), budget="5.0")],
     },
     "ablation": {
         "resnet20_cifar10": _ablation((Variant("learned rounding at 8 bits (reconstruct on)",

@@ -83,6 +83,10 @@ SUITES = {
         "resnet20_cifar10": _lowbit("default"),
         "resnet32_cifar10": _lowbit("fast"),
         "efficientnet_lite0": [
+            Variant("zeroq W4A8 (depthwise at 4 bits) calibration only",
+                    (("weight_bits", 4), ("reconstruct", "off"), ("keep_depthwise", 0))),
+            Variant("zeroq W4A8 (depthwise at 4 bits) reconstructed (fast)",
+                    (("weight_bits", 4), ("effort", "fast"), ("keep_depthwise", 0))),
             Variant("zeroq W4A8 calibration only", (("weight_bits", 4), ("reconstruct", "off"))),
             Variant("zeroq W4A8 reconstructed (fast)", (("weight_bits", 4), ("effort", "fast"))),
             Variant("zeroq mixed 5.0 bits A8 calibration only", (("reconstruct", "off"),), budget="5.0"),
@@ -172,7 +176,8 @@ def markdown(results: dict) -> str:
              "Top-1 on the zoo evaluation set, Δ against FP32 in the same run; agreement = % of images whose top-1 "
              "equals FP32's; ONNX = sim: % of images where the exported ONNX model's top-1 equals the PyTorch "
              "fake-quant simulation's. Average bits: weight bits averaged over parameters (first and last layers keep "
-             "8 bits, --keep-first-last 8). Distillation runs from scratch once per model and method (its time is "
+             "8 bits, --keep-first-last 8; depthwise convs keep 8 bits under a uniform --wbits, --keep-depthwise 8, "
+             "unless a row says otherwise). Distillation runs from scratch once per model and method (its time is "
              "given above each table); quantize s is everything after it (sensitivity search, calibration, bias "
              "correction, reconstruction, export, verification).", ""]
     for name, model in results["models"].items():
@@ -195,12 +200,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _merge(old: dict, new: dict, rerun: dict) -> dict:
-    """The old model entry with the re-run rows put in place of the rows of the same label."""
+def _merge(old: dict, new: dict, rerun: dict, variants: list[Variant]) -> dict:
+    """The old model entry with the re-run rows put in place of the rows of the same label, in the suite's order."""
     fresh = {row["label"]: {**row, "rerun": {"date": rerun["date"], "zeroquant": rerun["versions"]["zeroquant"],
                                              "command": rerun["command"]}} for row in new["rows"]}
     rows = [fresh.pop(row["label"], row) for row in old["rows"]] + list(fresh.values())
-    return {**old, "rows": rows}
+    order = {v.label: i for i, v in enumerate(variants)}
+    return {**old, "rows": sorted(rows, key=lambda row: order.get(row["label"], len(order)))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             variants = [v for v in models[name] if not args.only or args.only in v.label]
             model = run_model(name, variants, args, progress, log)
             if args.only:
-                model = _merge(results["models"][name], model, run)
+                model = _merge(results["models"][name], model, run, models[name])
             else:
                 model["run"] = {**run, "wall_s": round(time.perf_counter() - start, 1)}
             results["models"][name] = model

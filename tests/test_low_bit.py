@@ -60,7 +60,9 @@ def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
     model = onnx.load(out)
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith(".weight")}
     bits = {layer["name"].replace(".", "_"): layer["weight_bits"] for layer in report.to_dict()["layers"]}
-    assert bits == {"stem_0": 8, "branch_0": 4, "depthwise_1": 4, "pointwise_0": 4, "head": 8}
+    # first and last layer pinned by --keep-first-last, the depthwise conv by --keep-depthwise (both 8 by default)
+    assert bits == {"stem_0": 8, "branch_0": 4, "depthwise_1": 8, "pointwise_0": 4, "head": 8}
+    assert any("1 depthwise conv(s) keep 8-bit weights" in note for note in report.notes), report.notes
     for name, values in weights.items():
         assert values.dtype == np.int8
         assert np.abs(values).max() <= 2 ** (bits[name.split(".")[0]] - 1) - 1, name
@@ -73,7 +75,7 @@ def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
 def test_pack_int4_shrinks_the_file_and_runs(tmp_path, monkeypatch):
     monkeypatch.setitem(EFFORTS, "fast", Effort(5, 16))
     loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
-    options = dict(weight_bits=4, activation_bits=8, keep_first_last=0, **FAST)
+    options = dict(weight_bits=4, activation_bits=8, keep_first_last=0, keep_depthwise=0, **FAST)
     plain = quantize(loaded, tmp_path / "int8.onnx", QuantizeOptions(**options))
     packed = quantize(loaded, tmp_path / "int4.onnx", QuantizeOptions(**options, pack_int4=True))
     model = onnx.load(tmp_path / "int4.onnx")

@@ -32,6 +32,7 @@ def inspect(
     device: str = flags.DEVICE,
     keep_first_last: int = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer, as for "
                                                                     "quantize."),
+    keep_depthwise: int = flags.KEEP_DEPTHWISE,
     reconstruct: str = typer.Option("auto", "--reconstruct", help="Block reconstruction: auto, on or off."),
     effort: str = flags.EFFORT,
     full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid, as for quantize."),
@@ -51,8 +52,8 @@ def inspect(
     if top < 0:
         raise UsageError("--top must be 0 (all) or positive")
     options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, seed=seed, device=device,
-                              reduce_range=not full_range, keep_first_last=keep_first_last, reconstruct=reconstruct,
-                              effort=effort)
+                              reduce_range=not full_range, keep_first_last=keep_first_last,
+                              keep_depthwise=keep_depthwise, reconstruct=reconstruct, effort=effort)
     options.validate()
     loaded = _load(model, arch, weights, trust_pickle)
     shape = loaded.shape(parse_shape(input_shape))

@@ -44,6 +44,7 @@ def quantize(
     device: str = flags.DEVICE,
     keep_first_last: int = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer and their "
                                                                     "inputs (0: treat them like the rest)."),
+    keep_depthwise: int = flags.KEEP_DEPTHWISE,
     reconstruct: str = typer.Option("auto", "--reconstruct", help="Block reconstruction (learned rounding and step "
                                                                   "sizes): auto (below 8 bits), on or off."),
     effort: str = flags.EFFORT,
@@ -68,9 +69,9 @@ def quantize(
     from zeroquant.search.pareto import parse_budget
 
     options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, lr, seed, device,
-                              not full_range, not no_cache, keep_first_last=keep_first_last, reconstruct=reconstruct,
-                              effort=effort, bias_correction=bias_correction, equalize=equalize,
-                              pack_int4=pack_int4)
+                              not full_range, not no_cache, keep_first_last=keep_first_last,
+                              keep_depthwise=keep_depthwise, reconstruct=reconstruct, effort=effort,
+                              bias_correction=bias_correction, equalize=equalize, pack_int4=pack_int4)
     options.validate()
     if budget is not None and wbits != 8:
         raise UsageError("--budget chooses the weight bits of every layer; it does not combine with --wbits")

@@ -190,8 +190,9 @@ def markdown(results: dict) -> str:
             if "refused" in r:
                 lines.append(f"| {r['label']} | | refused: {r['refused']} | | | | | {r['quantize_s']:.0f} |")
                 continue
-            lines.append(f"| {r['label']}{' †' if 'rerun' in r else ''} | {r['average_weight_bits']:.2f} | {r['top1']:.2f} | {r['delta']:+.2f} | "
-                         f"{r['agreement']:.2f} | {_or_dash(r['onnx_vs_sim_agreement'])} | "
+            rerun = " †" if "rerun" in r else ""
+            lines.append(f"| {r['label']}{rerun} | {r['average_weight_bits']:.2f} | {r['top1']:.2f} | "
+                         f"{r['delta']:+.2f} | {r['agreement']:.2f} | {_or_dash(r['onnx_vs_sim_agreement'])} | "
                          f"{100 * r['integer_mac_fraction']:.0f} % | {r['quantize_s']:.0f} |")
         lines.append("")
         lines += [f"† re-run {r['rerun']['date']} at zeroquant {r['rerun']['zeroquant']}: `{r['rerun']['command']}`"

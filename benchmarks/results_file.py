@@ -47,7 +47,8 @@ def provenance() -> dict:
 def provenance_lines(results: dict) -> list[str]:
     m, v = results["machine"], results["versions"]
     return [
-        f"- date: {results['date']}" + (f"; whole run {results['wall_s'] / 60:.1f} min" if "wall_s" in results else ""),
+        f"- date: {results['date']}"
+        + (f"; whole run {results['wall_s'] / 60:.1f} min" if "wall_s" in results else ""),
         f"- machine: {m['cpu']}, {m['cores']} cores, AVX-512: {'yes' if m['avx512'] else 'no'}, VNNI: "
         f"{'yes' if m['vnni'] else 'no'}; load average at start {', '.join(f'{x:.1f}' for x in m['load_average'])}",
         f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, zeroquant {v['zeroquant']}",

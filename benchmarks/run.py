@@ -181,7 +181,8 @@ def markdown(results: dict) -> str:
         run = model["run"]
         lines += [f"### {name}{' (quick subset: not for quoting)' if run['quick'] else ''}", "",
                   *provenance_lines(run), "",
-                  f"{run['threads']} onnxruntime threads; {model['eval_images']} evaluation images; ORT calibration: {model['noise_calib_images']} noise / "
+                  f"{run['threads']} onnxruntime threads; {model['eval_images']} evaluation images; ORT calibration: "
+                  f"{model['noise_calib_images']} noise / "
                   f"{model['real_calib_images']} real images; latency over {model['latency_runs']} runs each. "
                   f"{model['note']}".rstrip(), "",
                   "| variant | top-1 % | agreement % | MB | size / FP32 | latency / FP32 | median ms | integer MACs "
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             saved.write_text(json.dumps(results, indent=2) + "\n")
             write_section(args.output / "RESULTS.md", "w8a8", markdown(results))
     log(f"wrote {args.output / 'RESULTS.md'}")
+
 
 if __name__ == "__main__":
     main()

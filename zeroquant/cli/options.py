@@ -21,5 +21,6 @@ DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 EFFORT = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough.")
 FULL_RANGE = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only).")
 TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code).")
-KEEP_DEPTHWISE = typer.Option(8, "--keep-depthwise", help="Least weight bits of depthwise convs under a uniform --wbits "
-                                                          "(0: treat them like the rest; --budget chooses their bits).")
+KEEP_DEPTHWISE = typer.Option(8, "--keep-depthwise", help="Least weight bits of depthwise convs under a uniform "
+                                                          "--wbits (0: treat them like the rest; --budget chooses "
+                                                          "their bits).")

@@ -167,7 +167,7 @@ def _layer_kinds(optimised: onnx.ModelProto) -> dict[str, str]:
         if node.op_type in FLOAT_KERNELS - CONV_KERNELS or node.op_type in {"QGemm", "QLinearMatMul", "MatMulInteger"}:
             kinds[node.name] = "fully connected"
         elif node.op_type in CONV_KERNELS and index < len(node.input) and len(weights.get(node.input[index], [])) == 4:
-            out_channels, in_per_group, kh, kw = weights[node.input[index]]
+            _, in_per_group, kh, kw = weights[node.input[index]]
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             if group > 1:
                 kinds[node.name] = f"depthwise {kh}x{kw}" if in_per_group == 1 else f"grouped conv {kh}x{kw}"

@@ -28,20 +28,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zeroquant.cli.output import progress_display
 from zeroquant.errors import VerificationError
-from zeroquant.evaluate.accuracy import evaluate_logits, onnx_session, predict_onnx
+from zeroquant.evaluate.accuracy import evaluate_logits
 from zeroquant.evaluate.datasets import dataset_for_zoo
-from zeroquant.export.onnx_export import to_onnx, write_atomic
-from zeroquant.graph.capture import capture
-from zeroquant.pipeline import QuantizeOptions, distill, export, prepare
-from zeroquant.progress import progress_bar, stderr_console
-from zeroquant.search import bits_for_budget
-from zeroquant.search.pareto import parse_budget
-from zeroquant.zoo.loading import load_model
+from zeroquant.export.onnx_export import to_onnx
+from zeroquant.files import write_atomic
+from zeroquant.options import QuantizeOptions
+from zeroquant.pipeline import distill_set, export, prepare, start
+from zeroquant.runtime import predict, session
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_file import provenance, provenance_lines, write_section  # noqa: E402  (a sibling script)
+from results_file import bench_log, provenance, provenance_lines, write_section  # noqa: E402  (a sibling script)
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,13 @@ class Variant:
     budget: str | None = None  # average weight bits: mixed precision chosen by `quantize --budget`
 
     def quantize_options(self, base: QuantizeOptions) -> QuantizeOptions:
-        return replace(base, **dict(self.options))
+        return replace(base, **dict(self.options), budget=self.budget)
 
 
 def _lowbit(effort: str) -> list[Variant]:
     """ZeroQ vs Genie x calibration only vs reconstruction x W4A4 / W4A8, and mixed precision at 4.0 bits (A8)."""
     variants = [Variant(f"{method} W{w}A{a} {'reconstructed' if recon else 'calibration only'}",
-                        (("method", method), ("weight_bits", w), ("activation_bits", a),
+                        (("method", method), ("wbits", w), ("abits", a),
                          ("reconstruct", "on" if recon else "off"), ("effort", effort)))
                 for method in ("zeroq", "genie") for w, a in ((4, 4), (4, 8)) for recon in (False, True)]
     return variants + [Variant("zeroq mixed 4.0 bits A8 reconstructed", (("reconstruct", "on"), ("effort", effort)),
@@ -69,12 +68,12 @@ def _ablation(extra: tuple[Variant, ...] = ()) -> list[Variant]:
     return [Variant("default (zeroq, mse ranges, bias correction auto)"),
             Variant("calibration: Gaussian noise", (("method", "noise"),)),
             Variant("calibration: genie", (("method", "genie"),)),
-            *(Variant(f"ranges: {m}", (("range_method", m),)) for m in ("minmax", "percentile", "analytic", "auto")),
+            *(Variant(f"ranges: {m}", (("ranges", m),)) for m in ("minmax", "percentile", "analytic", "auto")),
             Variant("bias correction on", (("bias_correction", "on"),)),
             Variant("bias correction off", (("bias_correction", "off"),)),
             Variant("bias correction analytic (BN statistics)", (("bias_correction", "analytic"),)),
             Variant("cross-layer equalization on", (("equalize", True),)),
-            Variant("full int8 weight grid (no reduce_range)", (("reduce_range", False),)),
+            Variant("full int8 weight grid (no reduce_range)", (("full_range", True),)),
             *extra]
 
 
@@ -84,11 +83,11 @@ SUITES = {
         "resnet32_cifar10": _lowbit("fast"),
         "efficientnet_lite0": [
             Variant("zeroq W4A8 (depthwise at 4 bits) calibration only",
-                    (("weight_bits", 4), ("reconstruct", "off"), ("keep_depthwise", 0))),
+                    (("wbits", 4), ("reconstruct", "off"), ("keep_depthwise", 0))),
             Variant("zeroq W4A8 (depthwise at 4 bits) reconstructed (fast)",
-                    (("weight_bits", 4), ("effort", "fast"), ("keep_depthwise", 0))),
-            Variant("zeroq W4A8 calibration only", (("weight_bits", 4), ("reconstruct", "off"))),
-            Variant("zeroq W4A8 reconstructed (fast)", (("weight_bits", 4), ("effort", "fast"))),
+                    (("wbits", 4), ("effort", "fast"), ("keep_depthwise", 0))),
+            Variant("zeroq W4A8 calibration only", (("wbits", 4), ("reconstruct", "off"))),
+            Variant("zeroq W4A8 reconstructed (fast)", (("wbits", 4), ("effort", "fast"))),
             Variant("zeroq mixed 5.0 bits A8 calibration only", (("reconstruct", "off"),), budget="5.0"),
             Variant("zeroq mixed 5.0 bits A8 reconstructed (fast)", (("effort", "fast"),), budget="5.0")],
     },
@@ -109,38 +108,35 @@ def simulate(sim, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
 def run_model(name: str, variants: list[Variant], args, progress, log) -> dict:
     folder = args.workdir / name
     folder.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(f"zoo:{name}")
-    shape = tuple(loaded.input_shape)
+    job = start(f"zoo:{name}", None, QuantizeOptions(seed=args.seed), {}, progress=progress)
     data = dataset_for_zoo(name, args.limit)
-    captured = capture(loaded.module, shape)
     fp32 = folder / "fp32.onnx"
-    write_atomic(fp32, to_onnx(captured.graph_module, shape).SerializeToString())
-    reference = predict_onnx(onnx_session(fp32), data.images)
+    write_atomic(fp32, to_onnx(job.graph_module, job.shape).SerializeToString())
+    reference = predict(session(fp32), data.images)
     fp32_top1 = evaluate_logits(reference, data.labels)[0]
     calibs, distill_s, rows = {}, {}, []
     for variant in variants:
-        options = variant.quantize_options(QuantizeOptions(seed=args.seed))
-        if options.method not in calibs:
-            log(f"{name}: distilling ({options.method})")
+        job.options = variant.quantize_options(QuantizeOptions(seed=args.seed))
+        method = job.options.method
+        if method not in calibs:
+            log(f"{name}: distilling ({method})")
             clock = time.perf_counter()
-            calibs[options.method], _ = distill(loaded, captured.graph_module, shape, options, progress)
-            distill_s[options.method] = round(time.perf_counter() - clock, 1)
+            calibs[method], _ = distill_set(job)
+            distill_s[method] = round(time.perf_counter() - clock, 1)
         log(f"{name}: {variant.label}")
-        clock, notes = time.perf_counter(), []
-        if variant.budget:
-            choice = bits_for_budget(loaded, shape, options, parse_budget(variant.budget), progress)
-            options.layer_bits, notes = choice.layer_bits, [choice.note]
-        prepared = prepare(loaded, shape, options, progress, calibs[options.method])
+        clock = time.perf_counter()
+        prepared = prepare(job, calibs[method])
         path = folder / (re.sub(r"\W+", "_", variant.label).strip("_").lower() + ".onnx")
         try:
-            report = export(prepared, loaded, path, options, shape, notes=notes)
+            result = export(job, prepared, path, with_float=False)
         except VerificationError as exc:  # zeroquant refuses to write it: that is the row's result
             rows.append({"label": variant.label, "options": dict(variant.options), "budget": variant.budget,
                          "refused": str(exc), "quantize_s": round(time.perf_counter() - clock, 1)})
             log(f"{name}: {variant.label}: refused ({exc})")
             continue
+        write_atomic(path, result.onnx)
         seconds = time.perf_counter() - clock
-        logits = predict_onnx(onnx_session(path), data.images)
+        logits = predict(session(path), data.images)
         sim_logits = simulate(prepared.sim, data.images) if args.suite in SIM_CHECKED else None
         top1, _, agreement = evaluate_logits(logits, data.labels, reference)
         rows.append({"label": variant.label, "options": dict(variant.options), "budget": variant.budget,
@@ -149,7 +145,7 @@ def run_model(name: str, variants: list[Variant], args, progress, log) -> dict:
                      "onnx_vs_sim_agreement": None if sim_logits is None else round(
                          evaluate_logits(logits, data.labels, sim_logits)[2], 2),
                      "average_weight_bits": _average_bits(prepared.sim), "quantize_s": round(seconds, 1),
-                     "integer_mac_fraction": report.census["integer_mac_fraction"], "file": path.name})
+                     "integer_mac_fraction": result.report.census["integer_mac_fraction"], "file": path.name})
         log(f"{name}: {variant.label}: top-1 {top1:.2f} (FP32 {fp32_top1:.2f}), {seconds:.0f} s")
     return {"eval_images": len(data.labels), "fp32_top1": round(fp32_top1, 2), "distill_s": distill_s, "rows": rows}
 
@@ -234,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     saved = args.output / f"{args.suite}.json"
     # models not run this time keep their earlier entries (each carries its own date, versions and command)
     results = json.loads(saved.read_text()) if saved.exists() else {"suite": args.suite, "models": {}}
-    with progress_bar() as progress:
-        log = (progress.console if progress else stderr_console()).log
+    with progress_display() as progress:
+        log = bench_log(progress)
         for name in names:
             run, start = provenance(), time.perf_counter()
             variants = [v for v in models[name] if not args.only or args.only in v.label]

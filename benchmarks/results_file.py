@@ -15,17 +15,21 @@ import onnx
 import onnxruntime
 import torch
 
+from zeroquant.cpu import cpu_flags, cpu_info
+
 HERE = Path(__file__).resolve().parent
 TITLE = "# Benchmarks\n"
 
 
+def bench_log(progress):
+    """Log lines on stderr, above the progress bars when there are any."""
+    from rich.console import Console
+
+    return (getattr(progress, "console", None) or Console(stderr=True)).log
+
+
 def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
-    flags = set(re.search(r"flags\s*:\s*(.*)", cpuinfo).group(1).split()) if "flags" in cpuinfo else set()
-    return {"cpu": model.group(1) if model else "unknown", "cores": os.cpu_count(),
-            "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), "avx512": "avx512bw" in flags,
-            "load_average": os.getloadavg()}
+    return cpu_info() | {"cores": os.cpu_count(), "load_average": os.getloadavg()}
 
 
 def versions() -> dict:
@@ -49,8 +53,8 @@ def provenance_lines(results: dict) -> list[str]:
     return [
         f"- date: {results['date']}"
         + (f"; whole run {results['wall_s'] / 60:.1f} min" if "wall_s" in results else ""),
-        f"- machine: {m['cpu']}, {m['cores']} cores, AVX-512: {'yes' if m['avx512'] else 'no'}, VNNI: "
-        f"{'yes' if m['vnni'] else 'no'}; load average at start {', '.join(f'{x:.1f}' for x in m['load_average'])}",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {cpu_flags(m)}; load average at start "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average'])}",
         f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, zeroquant {v['zeroquant']}",
         f"- command: `{results['command']}`",
     ]

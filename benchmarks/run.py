@@ -20,18 +20,20 @@ from typing import Callable
 
 import numpy as np
 
-from zeroquant.evaluate.accuracy import evaluate_logits, onnx_session, predict_onnx
+from zeroquant.evaluate.accuracy import evaluate_logits
+from zeroquant.runtime import predict, session
 from zeroquant.evaluate.datasets import dataset_for_zoo, load_image_folder
 from zeroquant.evaluate.latency import kernel_census, kind_rows, measure, time_by_kind
-from zeroquant.pipeline import QuantizeOptions, quantize
-from zeroquant.progress import progress_bar, stderr_console
+from zeroquant.cli.output import progress_display
+from zeroquant.options import QuantizeOptions
+from zeroquant.pipeline import quantize
 from zeroquant.zoo.loading import LoadedModel, load_model
 from zeroquant.zoo.registry import ZooEntry, zoo_entry
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from ort_baselines import ort_dynamic, ort_static  # noqa: E402  (sibling scripts, not a package)
-from results_file import provenance, provenance_lines, write_section  # noqa: E402
+from results_file import bench_log, provenance, provenance_lines, write_section  # noqa: E402
 
 
 @dataclass
@@ -81,9 +83,9 @@ def zeroquant(options: QuantizeOptions) -> Builder:
 
     def build(job: Job, output: Path) -> float:
         fp32 = None if job.fp32.exists() else job.fp32
-        report = quantize(job.loaded, output, replace(options, use_cache=job.use_cache), progress=job.progress,
+        result = quantize(job.loaded, output, options=replace(options, cache=job.use_cache), progress=job.progress,
                           float_output=fp32)
-        return report.timings["total"]
+        return result.report.timings["total"]
 
     return build
 
@@ -121,11 +123,11 @@ def run_model(name: str, setup: Setup, args, progress, log) -> dict:
     log(f"{name}: profiling {', '.join(PROFILED)}")
     profile_runs = min(latency["FP32"].runs, 200)
     by_kind = {v: [k.to_dict() for k in time_by_kind(paths[v], 1, args.threads, profile_runs)] for v in PROFILED}
-    reference = predict_onnx(onnx_session(fp32, args.threads), data.images)
+    reference = predict(session(fp32, args.threads), data.images)
     rows = []
     for variant in order:
         log(f"{name}: evaluating {variant} on {len(data.labels)} images")
-        logits = predict_onnx(onnx_session(paths[variant], args.threads), data.images)
+        logits = predict(session(paths[variant], args.threads), data.images)
         top1, _, agreement = evaluate_logits(logits, data.labels, reference)
         census = kernel_census(paths[variant])
         size = paths[variant].stat().st_size
@@ -216,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     saved = args.output / "results.json"
     # models not run this time keep their earlier entries (each carries its own date, versions and command)
     results = json.loads(saved.read_text()) if saved.exists() else {"models": {}}
-    with progress_bar() as progress:
-        log = (progress.console if progress else stderr_console()).log
+    with progress_display() as progress:
+        log = bench_log(progress)
         for name in names:
             run, start = provenance() | {"quick": args.quick, "threads": args.threads}, time.perf_counter()
             model = run_model(name, MODELS[name], args, progress, log)

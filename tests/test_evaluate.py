@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from zeroquant.errors import ModelLoadError, UsageError
-from zeroquant.evaluate.accuracy import evaluate_logits, evaluate_onnx, onnx_session, predict_onnx
+from zeroquant.evaluate.accuracy import evaluate_logits, evaluate_onnx
+from zeroquant.runtime import predict, session
 from zeroquant.evaluate.datasets import dataset_for_zoo, load_image_folder
 from zeroquant.zoo.registry import Preprocessing
 
@@ -107,7 +108,7 @@ def test_evaluate_onnx_matches_torch(folders, model_path):
     data = load_image_folder(folders, PREP)
     with torch.no_grad():
         expected = model(torch.from_numpy(data.images)).numpy()
-    np.testing.assert_allclose(predict_onnx(onnx_session(path), data.images, batch_size=4), expected, atol=1e-5)
+    np.testing.assert_allclose(predict(session(path), data.images, batch_size=4), expected, atol=1e-5)
     result = evaluate_onnx(path, data, reference_path=path, batch_size=4, threads=1)
     assert result.n == 6 and result.agreement == 100.0 and result.images_per_s > 0
     assert result.top1 == pytest.approx(100.0 * (expected.argmax(1) == data.labels).mean())
@@ -124,11 +125,11 @@ def test_fixed_batch_model_and_mismatches(tmp_path, folders, model_path):
     data = load_image_folder(folders, PREP)  # 6 images: one full batch of 4, one padded batch of 2
     with torch.no_grad():
         expected = model(torch.from_numpy(data.images)).numpy()
-    np.testing.assert_allclose(predict_onnx(onnx_session(fixed), data.images), expected, atol=1e-5)
+    np.testing.assert_allclose(predict(session(fixed), data.images), expected, atol=1e-5)
     with pytest.raises(UsageError, match=r"'x' expects shape \[4, 3, 28, 28\]"):
-        predict_onnx(onnx_session(fixed), np.zeros((2, 3, 32, 32), np.float32))
+        predict(session(fixed), np.zeros((2, 3, 32, 32), np.float32))
     with pytest.raises(ModelLoadError):
-        onnx_session(tmp_path / "missing.onnx")
+        session(tmp_path / "missing.onnx")
 
 
 @pytest.mark.skipif(not (SHARED / "data/cifar10/test").is_dir(), reason="shared CIFAR-10 images not present")

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from zeroquant.calib import DISTILLERS, DistillSettings
+from zeroquant.calib import DistillSettings
 from zeroquant.calib.base import tap_batchnorms
 from zeroquant.calib.genie import GenieDistiller, Swing, swing_strided_convs
 from zeroquant.graph.capture import capture
+from zeroquant.progress import SILENT, Progress
 
 SHAPE = (3, 16, 16)
 CPU = torch.device("cpu")
@@ -30,14 +31,10 @@ def convs(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.conv2d.default]
 
 
-def test_registered():
-    assert DISTILLERS["genie"].name == "genie"
-
-
 def test_distillation_lowers_the_bn_loss(small_net):
     gm = captured(small_net)
-    start = GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 0, 0.2, 0), CPU)
-    end = GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 40, 0.2, 0), CPU)
+    start = GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 0, 0.2, 0), CPU, SILENT)
+    end = GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 40, 0.2, 0), CPU, SILENT)
     assert end.final_loss < 0.5 * start.final_loss, (start.final_loss, end.final_loss)
     assert set(end.layer_mismatch) == set(start.layer_mismatch) and len(end.layer_mismatch) == 4
     # the model handed in is untouched: swing lives only in the distillation copy
@@ -46,7 +43,7 @@ def test_distillation_lowers_the_bn_loss(small_net):
 
 def test_same_seed_same_images(small_net):
     gm = captured(small_net)
-    runs = [GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 6, 0.2, seed), CPU)
+    runs = [GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 6, 0.2, seed), CPU, SILENT)
             for seed in (3, 3, 4)]
     assert torch.equal(runs[0].images, runs[1].images)
     assert runs[0].final_loss == runs[1].final_loss
@@ -55,31 +52,21 @@ def test_same_seed_same_images(small_net):
 
 def test_calib_set_size_and_shape(small_net):
     settings = DistillSettings(num_images=10, batch_size=4, iterations=3, lr=0.2, seed=0)
-    calib = GenieDistiller().distill(captured(small_net), SHAPE, settings, CPU)
+    calib = GenieDistiller().distill(captured(small_net), SHAPE, settings, CPU, SILENT)
     assert calib.images.shape == (10, *SHAPE) and calib.images.dtype == torch.float32
     assert calib.method == "genie" and calib.settings == settings.key()
     assert torch.isfinite(calib.images).all() and calib.final_loss == calib.final_loss
 
 
 def test_progress_advances_once_per_step(small_net):
-    class Progress:
-        def __init__(self):
-            self.total, self.done = None, 0
-
-        def add_task(self, _, total):
-            self.total = total
-            return 0
-
-        def advance(self, _):
-            self.done += 1
-
-    progress = Progress()
-    GenieDistiller().distill(captured(small_net), SHAPE, DistillSettings(6, 4, 4, 0.2, 0), CPU, progress)
-    assert progress.total == progress.done == 2 * 4
+    events = []
+    GenieDistiller().distill(captured(small_net), SHAPE, DistillSettings(6, 4, 4, 0.2, 0), CPU, Progress(events.append))
+    assert [e.done for e in events] == list(range(2 * 4 + 1)) + [2 * 4]
+    assert {e.total for e in events} == {2 * 4} and events[-1].finished and not any(e.finished for e in events[:-1])
 
 
 def test_swing_wraps_only_strided_convs(small_net):
-    tapped, losses = tap_batchnorms(captured(small_net))
+    tapped, _ = tap_batchnorms(captured(small_net))
     reference, _ = tap_batchnorms(captured(small_net))
     before = {n.name: n.args[0] for n in convs(tapped)}
     names = swing_strided_convs(tapped, torch.Generator().manual_seed(0), max_shift=0)
@@ -100,7 +87,10 @@ def test_swing_wraps_only_strided_convs(small_net):
 def test_swing_shifts_within_one_pixel():
     x = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(1, 2, 5, 6)
     swing = Swing(torch.Generator().manual_seed(0), max_shift=1)
-    outputs = [swing(x) for _ in range(30)]
+    outputs = []
+    for _ in range(30):
+        swing.resample()
+        outputs.append(swing(x))
     assert all(o.shape == x.shape for o in outputs)
     assert any(not torch.equal(o, x) for o in outputs) and any(torch.equal(o, x) for o in outputs)
     for o in outputs:  # every output is the input moved by at most one pixel: the interior is a shifted copy

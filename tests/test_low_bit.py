@@ -8,12 +8,14 @@ from onnx import numpy_helper
 from tests.conftest import make_small_net
 from zeroquant.graph.batchnorm import fold_batchnorm
 from zeroquant.graph.capture import capture
-from zeroquant.pipeline import QuantizeOptions, quantize
+from zeroquant.options import QuantizeOptions
+from zeroquant.runtime import predict, session
+from zeroquant.pipeline import quantize
 from zeroquant.quant.reconstruct import EFFORTS, Effort, find_blocks
 from zeroquant.quant.sim import build_quantsim
 from zeroquant.zoo.loading import LoadedModel
 
-FAST = dict(num_images=16, batch_size=16, iterations=10, effort="fast")
+FAST = dict(images=16, batch_size=16, iterations=10, effort="fast")
 
 
 def test_blocks_follow_the_graph():
@@ -52,7 +54,7 @@ def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
     monkeypatch.setitem(EFFORTS, "fast", Effort(40, 16))
     out = tmp_path / "w4a4.onnx"
     loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
-    report = quantize(loaded, out, QuantizeOptions(weight_bits=4, activation_bits=4, **FAST))
+    report = quantize(loaded, out, options=QuantizeOptions(wbits=4, abits=4, **FAST)).report
     assert report.reconstruction, "reconstruction runs by default below 8 bits"
     assert all(b["mse_after"] <= b["mse_before"] for b in report.reconstruction), report.reconstruction
     low_bit = [b for b in report.reconstruction if b["layers"][0] not in ("stem.0", "head")]
@@ -75,14 +77,16 @@ def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
 def test_pack_int4_shrinks_the_file_and_runs(tmp_path, monkeypatch):
     monkeypatch.setitem(EFFORTS, "fast", Effort(5, 16))
     loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
-    options = dict(weight_bits=4, activation_bits=8, keep_first_last=0, keep_depthwise=0, **FAST)
-    plain = quantize(loaded, tmp_path / "int8.onnx", QuantizeOptions(**options))
-    packed = quantize(loaded, tmp_path / "int4.onnx", QuantizeOptions(**options, pack_int4=True))
+    options = dict(wbits=4, abits=8, keep_first_last=0, keep_depthwise=0, **FAST)
+    plain = quantize(loaded, tmp_path / "int8.onnx", options=QuantizeOptions(**options)).report
+    packed = quantize(loaded, tmp_path / "int4.onnx", options=QuantizeOptions(**options, pack_int4=True)).report
     model = onnx.load(tmp_path / "int4.onnx")
     int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     assert {i.name for i in int4} >= {f"{n}.weight" for n in ("stem_0", "branch_0", "depthwise_1", "pointwise_0", "head")}
     assert packed.sizes["onnx_bytes"] < plain.sizes["onnx_bytes"]
-    assert packed.parity["relative_max_diff"] < 0.1  # same values: onnxruntime computes them in float
+    x = np.random.default_rng(1).standard_normal((32, 3, 16, 16), dtype=np.float32)
+    same_values = predict(session(tmp_path / "int4.onnx"), x), predict(session(tmp_path / "int8.onnx"), x)
+    assert np.abs(same_values[0] - same_values[1]).max() < 0.05 * np.abs(same_values[1]).max()
     assert packed.census["float_layers"] and any("INT4" in note for note in packed.notes)
 
 

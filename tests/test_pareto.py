@@ -22,11 +22,10 @@ from zeroquant.cli.pareto import _table
 from zeroquant.errors import UsageError
 from zeroquant.graph.batchnorm import fold_batchnorm
 from zeroquant.graph.capture import capture
-from zeroquant.pipeline import QuantizeOptions, distill
+from zeroquant import distill
 from zeroquant.quant.sim import build_quantsim
 from zeroquant.search.pareto import Problem, choose, frontier, parse_budget, pareto_dp
 from zeroquant.search.sensitivity import layer_sensitivity
-from zeroquant.zoo.loading import LoadedModel
 
 FAST = ["--iterations", "2", "--images", "8", "--batch-size", "8"]
 CHOICES = (2, 3, 4, 5, 6, 8)
@@ -137,10 +136,8 @@ def test_sensitivity_matches_the_definition(net, small_net_graph):
 
 
 def test_sensitivity_on_distilled_small_net(small_net_graph):
-    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
-    calib, _ = distill(loaded, small_net_graph, loaded.input_shape,
-                       QuantizeOptions(num_images=8, batch_size=8, iterations=2))
-    table = layer_sensitivity(build_quantsim(fold_batchnorm(small_net_graph)[0]), calib.images, CHOICES)
+    images = distill(make_small_net(), input_shape=(3, 16, 16), images=8, batch_size=8, iterations=2)
+    table = layer_sensitivity(build_quantsim(fold_batchnorm(small_net_graph)[0]), images, CHOICES)
     assert table.shape == (5, len(CHOICES)) and np.all(table >= 0)
     assert np.all(table[:, 0] > table[:, -1])
     assert np.mean(np.diff(table, axis=1) < 0) >= 0.8, table
@@ -171,7 +168,7 @@ def test_pareto_cli_writes_plot_and_frontier(archive, tmp_path, capsys):
     assert sum("measured" in p for p in front) >= 3 and all("measured" in p for p in data["uniform"])
     assert 0 <= chosen["measured"]["with_activations"]["top1_agreement"] <= 100
     console = Console(width=80, soft_wrap=True, file=io.StringIO())  # as zeroquant's stdout off a terminal
-    console.print(_table(data, [i for i, p in enumerate(front) if "measured" in p], out))
+    console.print(_table(data, out))
     text = console.file.getvalue()  # every column, even at 80 columns
     assert f"{data['chosen'] + 1} *" in text and "uniform W8" in text
     assert "".join(map(str, chosen["bits"].values())) in text

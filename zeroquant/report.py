@@ -42,3 +42,12 @@ class QuantizeReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass
+class QuantizeResult:
+    """What zeroquant.quantize returns: the report and the verified model's bytes."""
+
+    report: QuantizeReport
+    onnx: bytes  # the integer ONNX model
+    float_onnx: bytes | None = None  # the float32 ONNX model, when asked for (float_output)

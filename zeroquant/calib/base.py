@@ -1,17 +1,28 @@
-"""The distiller interface: every method turns a BN network into calibration images the same way."""
+"""The distillation core every method shares: BatchNorm taps that measure how far a batch's statistics are from the
+running statistics (ZeroQ's loss), the exact gradient of that loss with respect to the images, computed in
+micro-batches when memory asks for it, and the loop over independently seeded batches."""
 
 from __future__ import annotations
 
 import copy
+import io
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zeroquant.errors import ModelLoadError
 from zeroquant.graph.batchnorm import batchnorm_nodes
 from zeroquant.graph.ops import attribute_value, layer_name
+from zeroquant.progress import Progress
+
+MEMORY_BUDGET = 2 << 30  # bytes of activations kept for the backward pass of one distillation step
 
 
 @dataclass
@@ -25,6 +36,15 @@ class DistillSettings:
     def key(self) -> dict:
         return dict(vars(self))
 
+    def batch_sizes(self) -> list[int]:
+        return [min(self.batch_size, self.num_images - s) for s in range(0, self.num_images, self.batch_size)]
+
+
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of batch `index`: a function of the seed and the index only, so a batch comes out the same
+    whichever process distils it and whatever was distilled before it."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
 
 @dataclass
 class CalibSet:
@@ -36,37 +56,89 @@ class CalibSet:
     final_loss: float = float("nan")
     layer_mismatch: dict[str, float] = field(default_factory=dict)
 
+    def to_bytes(self) -> bytes:
+        """The calib.pt format (`zeroquant distill`, the cache): tensors and JSON text only, so it loads with
+        torch.load(weights_only=True)."""
+        buffer = io.BytesIO()
+        torch.save({"images": self.images.contiguous(), "method": self.method, "settings": json.dumps(self.settings),
+                    "final_loss": self.final_loss, "layer_mismatch": json.dumps(self.layer_mismatch)}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> CalibSet:
+        """Read a calib.pt; anything else is a ModelLoadError naming the file."""
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            images = data["images"]
+            if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point()):
+                raise ValueError("'images' is not an N,C,H,W float tensor")
+            return cls(images.float(), str(data["method"]), json.loads(data["settings"]), float(data["final_loss"]),
+                       json.loads(data["layer_mismatch"]))
+        except Exception as exc:
+            first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+            raise ModelLoadError(f"cannot read calibration set {path}: {first[:200]}",
+                                 "give a calib.pt written by `zeroquant distill`") from exc
+
 
 class Distiller(Protocol):
     name: str
 
     def distill(self, graph_module: torch.fx.GraphModule, input_shape: tuple[int, int, int],
-                settings: DistillSettings, device: torch.device, progress=None) -> CalibSet: ...
+                settings: DistillSettings, device: torch.device, progress: Progress) -> CalibSet: ...
 
 
 class BatchNormTap(nn.Module):
-    """Stands in for one BN layer: applies it (eval mode) and records how far the batch statistics of its input
-    are from the layer's running statistics (ZeroQ's loss: L2 distance of means plus of standard deviations)."""
+    """Stands in for one BN layer: applies it (eval mode) and measures how far the batch statistics of its input are
+    from the layer's running statistics (ZeroQ's loss: L2 distance of the means plus that of the std devs).
 
-    def __init__(self, name, weight, bias, mean, var, eps, losses: list):
+    Modes: "loss" keeps the loss with its autograd graph (the whole batch in one pass); "sums" adds the input's
+    per-channel sum and sum of squares (no grad: the first pass over micro-batches); "surrogate" adds <g1, sum x> +
+    <g2, sum x^2>, whose gradient is this micro-batch's exact share of the loss gradient (the second pass)."""
+
+    def __init__(self, name, weight, bias, mean, var, eps):
         super().__init__()
-        self.name, self.eps, self.losses = name, eps, losses
+        self.name, self.eps, self.mode = name, eps, "loss"
         for attr, value in dict(weight=weight, bias=bias, mean=mean, var=var).items():
             self.register_buffer(attr, None if value is None else value.detach().clone())
+        self.value: torch.Tensor | float = 0.0  # the loss ("loss") or the surrogate ("surrogate")
+        self.sums: list = []
+        self.coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [d for d in range(x.dim()) if d != 1]
-        batch_mean = x.mean(dims)
-        batch_std = torch.sqrt(x.var(dims, unbiased=False) + self.eps)
-        loss = torch.norm(batch_mean - self.mean) + torch.norm(batch_std - torch.sqrt(self.var + self.eps))
-        self.losses.append((self.name, loss))
+        if self.mode == "loss":
+            batch_std = torch.sqrt(x.var(dims, unbiased=False) + self.eps)
+            self.value = self.loss(x.mean(dims), batch_std)
+        elif self.mode == "sums":
+            wide = x.detach().double()
+            self.sums.append((wide.sum(dims), wide.square().sum(dims), x.numel() // x.shape[1]))
+        else:
+            g1, g2 = self.coefficients
+            self.value = self.value + (g1 * x.sum(dims)).sum() + (g2 * x.square().sum(dims)).sum()
         return F.batch_norm(x, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps)
 
+    def loss(self, batch_mean: torch.Tensor, batch_std: torch.Tensor) -> torch.Tensor:
+        return torch.norm(batch_mean - self.mean) + torch.norm(batch_std - torch.sqrt(self.var + self.eps))
 
-def tap_batchnorms(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list]:
-    """A copy of the graph whose BN nodes are BatchNormTaps writing their losses to the returned list."""
+    def finish_sums(self) -> float:
+        """The loss of the batch whose sums were collected, and the coefficients of the surrogate."""
+        s1 = sum(s[0] for s in self.sums)
+        s2 = sum(s[1] for s in self.sums)
+        n = sum(s[2] for s in self.sums)
+        self.sums = []
+        mean = (s1 / n).requires_grad_(True)
+        var = (s2 / n - mean.detach().square()).clamp_min(0).requires_grad_(True)
+        loss = self.loss(mean, torch.sqrt(var + self.eps))
+        d_mean, d_var = torch.autograd.grad(loss, (mean, var))
+        # L(S1, S2) with mean = S1/n, var = S2/n - mean^2: the chain rule through the sums
+        self.coefficients = ((d_mean - 2 * mean.detach() * d_var) / n).float(), (d_var / n).float()
+        return float(loss.detach())
+
+
+def tap_batchnorms(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[BatchNormTap]]:
+    """A copy of the graph whose BN nodes are BatchNormTaps, and the taps in graph order."""
     gm = copy.deepcopy(graph_module)
-    losses: list = []
+    taps = []
 
     def attr(node):
         return attribute_value(gm, node)
@@ -75,15 +147,121 @@ def tap_batchnorms(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
         x, weight, bias, mean, var = node.args[:5]
         eps = float(node.args[7]) if len(node.args) > 7 else 1e-5
         name = f"bn_tap_{index}"
-        gm.add_submodule(name, BatchNormTap(layer_name(node), attr(weight), attr(bias), attr(mean), attr(var),
-                                            eps, losses))
+        tap = BatchNormTap(layer_name(node), attr(weight), attr(bias), attr(mean), attr(var), eps)
+        gm.add_submodule(name, tap)
+        taps.append(tap)
         with gm.graph.inserting_after(node):
-            tap = gm.graph.call_module(name, (x,))
-        tap.meta = dict(node.meta)
-        node.replace_all_uses_with(tap)
+            call = gm.graph.call_module(name, (x,))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     for p in gm.parameters():
         p.requires_grad_(False)
-    return gm, losses
+    return gm, taps
+
+
+@dataclass
+class Step:
+    """One evaluation of the BN loss on a batch: the total, per BN layer, and its gradient w.r.t. the images."""
+
+    loss: float
+    layers: dict[str, float]
+    grad: torch.Tensor
+
+
+class BatchNormMatcher:
+    """The tapped copy of a BN network on a device; `step(images)` gives the ZeroQ loss and its exact gradient.
+
+    Peak memory is what the backward pass keeps, which grows with batch x resolution. When a batch would keep more
+    than MEMORY_BUDGET bytes, it runs in micro-batches: a first pass without gradients collects every BN input's
+    sums over the whole batch (so the loss is the whole batch's), a second pass per micro-batch backpropagates the
+    exact share of the gradient. About a third more compute, memory of one micro-batch."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, input_shape, device: torch.device,
+                 memory_budget: int = MEMORY_BUDGET):
+        self.model, self.taps = tap_batchnorms(graph_module)
+        self.model = self.model.to(device)
+        self.device = device
+        self.micro_batch = max(1, int(memory_budget // self.bytes_per_image(input_shape)))
+
+    def bytes_per_image(self, input_shape) -> int:
+        """What one more image adds to what the loss keeps for the backward pass (autograd's saved tensors)."""
+
+        def kept(batch: int) -> int:
+            sizes = []
+
+            def pack(tensor):
+                sizes.append(tensor.numel() * tensor.element_size())
+                return tensor
+
+            x = torch.zeros(batch, *input_shape, device=self.device, requires_grad=True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                self._set_mode("loss")
+                self.model(x)
+            return sum(sizes)
+
+        return max(1, kept(2) - kept(1))
+
+    def _set_mode(self, mode: str) -> None:
+        for tap in self.taps:
+            tap.mode, tap.value = mode, 0.0
+
+    def step(self, images: torch.Tensor) -> Step:
+        if len(images) <= self.micro_batch:
+            x = images.detach().requires_grad_(True)
+            self._set_mode("loss")
+            self.model(x)
+            total = sum(tap.value for tap in self.taps)
+            (grad,) = torch.autograd.grad(total, x)
+            return Step(float(total.detach()), {tap.name: float(tap.value.detach()) for tap in self.taps}, grad)
+        self._set_mode("sums")
+        with torch.no_grad():
+            for chunk in images.split(self.micro_batch):
+                self.model(chunk)
+        layers = {tap.name: tap.finish_sums() for tap in self.taps}
+        grads = []
+        for chunk in images.split(self.micro_batch):
+            x = chunk.detach().requires_grad_(True)
+            self._set_mode("surrogate")
+            self.model(x)
+            grads.append(torch.autograd.grad(sum(tap.value for tap in self.taps), x)[0])
+        return Step(sum(layers.values()), layers, torch.cat(grads))
+
+    def measure(self, images: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """The loss of a batch without its gradient (one pass of sums, micro-batched like `step`)."""
+        self._set_mode("sums")
+        with torch.no_grad():
+            for chunk in images.split(self.micro_batch):
+                self.model(chunk)
+        layers = {tap.name: tap.finish_sums() for tap in self.taps}
+        return sum(layers.values()), layers
+
+
+def input_prior_loss(images: torch.Tensor) -> torch.Tensor:
+    """Pull the per-channel mean and std of the images towards 0 and 1, the statistics of normalised inputs."""
+    dims = [0, 2, 3]
+    return torch.norm(images.mean(dims)) + torch.norm(images.std(dims) - 1)
+
+
+BatchFn = Callable[[int, torch.Generator, Callable], torch.Tensor]
+
+
+def distill_batches(method: str, label: str, matcher: BatchNormMatcher, settings: DistillSettings,
+                    distill_batch: BatchFn, progress: Progress, indices: list[int] | None = None) -> CalibSet:
+    """Run `distill_batch(size, generator, advance)` for each batch (or the given indices), each with its own seeded
+    generator, and put the images together with their final loss (BN terms plus the input prior, the mean over
+    batches) and each BN layer's share."""
+    sizes = settings.batch_sizes()
+    indices = list(range(len(sizes))) if indices is None else indices
+    batches, finals, mismatch = [], [], {}
+    with progress.stage(f"{label} distillation", total=len(indices) * settings.iterations) as advance:
+        for index in indices:
+            images = distill_batch(sizes[index], batch_generator(settings.seed, index), advance).detach()
+            loss, layers = matcher.measure(images)
+            batches.append(images.cpu())
+            finals.append(loss + float(input_prior_loss(images)))
+            for layer, value in layers.items():
+                mismatch[layer] = mismatch.get(layer, 0.0) + value / len(indices)
+    return CalibSet(torch.cat(batches), method, settings.key(), sum(finals) / len(finals), mismatch)

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 from pathlib import Path
 
-import torch
-
 from zeroquant.calib.base import CalibSet
-from zeroquant.export.onnx_export import write_atomic
+from zeroquant.errors import ModelLoadError, OutputError
+from zeroquant.files import cache_root, write_atomic
 
-CACHE_ENV = "ZEROQUANT_CACHE"
-FORMAT = 1
+FORMAT = 2
 
 
 def cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zeroquant"
-    return Path(os.environ.get(CACHE_ENV, default)) / "calib"
+    return cache_root() / "calib"
 
 
 def cache_key(model_digest: str, method: str, settings: dict, input_shape, device: str) -> str:
@@ -32,17 +27,17 @@ def load(key: str) -> CalibSet | None:
     if not path.is_file():
         return None
     try:
-        data = torch.load(path, weights_only=True)
-        return CalibSet(data["images"], data["method"], json.loads(data["settings"]), float(data["final_loss"]),
-                        json.loads(data["layer_mismatch"]))
-    except Exception:  # a damaged entry is only a cache miss
+        return CalibSet.from_file(path)
+    except ModelLoadError:  # a damaged entry is only a cache miss
         return None
 
 
-def store(key: str, calib: CalibSet) -> None:
+def store(key: str, calib: CalibSet) -> bool:
+    """Keep the set for next time; False when the cache folder cannot be written (the run goes on without it)."""
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({"images": calib.images, "method": calib.method, "settings": json.dumps(calib.settings),
-                "final_loss": calib.final_loss, "layer_mismatch": json.dumps(calib.layer_mismatch)}, buffer)
-    write_atomic(folder / f"{key}.pt", buffer.getvalue())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / f"{key}.pt", calib.to_bytes())
+    except (OSError, OutputError):
+        return False
+    return True

@@ -17,27 +17,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.calib.base import CalibSet, DistillSettings, tap_batchnorms
-from zeroquant.calib.zeroq import input_prior_loss
+from zeroquant.calib.base import BatchNormMatcher, CalibSet, DistillSettings, distill_batches, input_prior_loss
 
 aten = torch.ops.aten
 _CONVS = (aten.conv2d.default, aten.convolution.default)
 
 
 class Swing(nn.Module):
-    """Shifts its input by a random offset in [-max_shift, max_shift] along H and W (pad, then crop back to the
-    same size), a fresh offset per call drawn from `generator`. With max_shift 0 it is the identity."""
+    """Shifts its input by an offset in [-max_shift, max_shift] along H and W (pad, then crop back to the same size).
+    `resample()` draws a fresh offset from `generator` (once per distillation step, so that every micro-batch and
+    pass of the step sees the same one); `center()` sets it to no shift. With max_shift 0 it is the identity."""
 
     def __init__(self, generator: torch.Generator | None = None, max_shift: int = 1, mode: str = "reflect"):
         super().__init__()
         self.generator, self.max_shift, self.mode = generator, max_shift, mode
+        self.offset = (max_shift, max_shift)
+
+    def resample(self) -> None:
+        self.offset = tuple(torch.randint(0, 2 * self.max_shift + 1, (2,), generator=self.generator).tolist())
+
+    def center(self) -> None:
+        self.offset = (self.max_shift, self.max_shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.max_shift
-        if s == 0:
-            return x
-        dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=self.generator).tolist()
-        if dy == s and dx == s:
+        dy, dx = self.offset
+        if s == 0 or (dy == s and dx == s):
             return x
         height, width = x.shape[-2:]
         mode = self.mode if min(height, width) > s else "replicate"  # reflection needs more pixels than the pad
@@ -53,7 +58,7 @@ def _stride(node: torch.fx.Node) -> list[int]:
 def swing_strided_convs(graph_module: torch.fx.GraphModule, generator: torch.Generator | None = None,
                         max_shift: int = 1, mode: str = "reflect") -> list[str]:
     """Insert a `Swing` module before the input of every conv with a stride above 1 (in place; for the
-    distillation copy of the graph only). Returns the names of the inserted modules."""
+    distillation copy of the graph only). Returns the names of the inserted modules, in graph order."""
     names = []
     for node in list(graph_module.graph.nodes):
         if node.op != "call_function" or node.target not in _CONVS or max(_stride(node)) <= 1:
@@ -118,46 +123,40 @@ class GenieDistiller:
         self.latent_lr, self.generator_lr = latent_lr, generator_lr
         self.max_shift, self.swing = max_shift, swing
 
-    def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress=None) -> CalibSet:
+    def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress) -> CalibSet:
         device = torch.device(device)
-        model, losses = tap_batchnorms(graph_module)
+        matcher = BatchNormMatcher(graph_module, input_shape, device)
+        swings = []
         if self.swing:
-            swing_strided_convs(model, torch.Generator().manual_seed(settings.seed + 1), self.max_shift)
-        model = model.to(device)
-        clean, clean_losses = tap_batchnorms(graph_module)  # without swing: the loss the images are judged by
-        clean = clean.to(device)
-        seeds = torch.Generator().manual_seed(settings.seed)
+            names = swing_strided_convs(matcher.model, None, self.max_shift)
+            swings = [matcher.model.get_submodule(name) for name in names]
         scale = settings.lr / 0.2
-        sizes = [min(settings.batch_size, settings.num_images - s) for s in range(0, settings.num_images,
-                                                                                  settings.batch_size)]
-        task = progress.add_task("Genie distillation", total=len(sizes) * settings.iterations) if progress else None
-        batches, mismatch, final = [], {}, []
-        for size in sizes:
+
+        def distill_batch(size: int, seeds: torch.Generator, advance) -> torch.Tensor:
             batch_seed = int(torch.randint(0, 2 ** 62, (1,), generator=seeds))
             with torch.random.fork_rng(devices=[]):  # seeded weight init that leaves the global RNG alone
                 torch.manual_seed(batch_seed)
                 generator = ImageGenerator(input_shape, self.latent_dim, self.width)
             generator = generator.to(device).train()  # its BNs normalise with the statistics of this batch
             latents = torch.randn(size, self.latent_dim, generator=seeds).to(device).requires_grad_(True)
+            for swing in swings:
+                swing.generator = seeds
             optimizer = torch.optim.Adam([{"params": [latents], "lr": self.latent_lr * scale},
                                           {"params": generator.parameters(), "lr": self.generator_lr * scale}])
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, settings.iterations))
             for _ in range(settings.iterations):
                 optimizer.zero_grad(set_to_none=True)
-                losses.clear()
+                for swing in swings:
+                    swing.resample()
                 images = generator(latents)
-                model(images)
-                (sum(value for _, value in losses) + input_prior_loss(images)).backward()
+                step = matcher.step(images)
+                ((images * step.grad).sum() + input_prior_loss(images)).backward()
                 optimizer.step()
                 schedule.step()
-                if progress:
-                    progress.advance(task)
+                advance()
+            for swing in swings:  # the images are judged without shifts
+                swing.center()
             with torch.no_grad():
-                images = generator(latents)
-                clean_losses.clear()
-                clean(images)
-                final.append((sum(value for _, value in clean_losses) + input_prior_loss(images)).item())
-            for name, value in clean_losses:
-                mismatch[name] = mismatch.get(name, 0.0) + value.item() / len(sizes)
-            batches.append(images.cpu())
-        return CalibSet(torch.cat(batches), self.name, settings.key(), sum(final) / len(final), mismatch)
+                return generator(latents)
+
+        return distill_batches(self.name, "Genie", matcher, settings, distill_batch, progress)

@@ -8,9 +8,9 @@ import math
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.utils import make_grid
 
 from zeroquant.errors import UsageError
+from zeroquant.optional import require
 
 PADDING = 2
 MIN_SIDE = 64  # small images (CIFAR's 32 px) are enlarged by whole pixels to at least this
@@ -39,7 +39,7 @@ def grid_png(images: torch.Tensor, mean=None, std=None) -> bytes:
     scale = max(1, math.ceil(MIN_SIDE / min(pixels.shape[2:])))
     if scale > 1:
         pixels = F.interpolate(pixels, scale_factor=scale, mode="nearest")
-    grid = make_grid(pixels, nrow=math.ceil(math.sqrt(len(pixels))), padding=PADDING)
+    grid = require("torchvision.utils", "vision", "--preview").make_grid(pixels, nrow=math.ceil(math.sqrt(len(pixels))), padding=PADDING)
     array = (grid * 255).round().byte().permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

@@ -1,1 +1,2 @@
-"""cli"""
+"""The command line: typer commands that parse flags into the library's functions (zeroquant.pipeline) and print what
+they return; nothing here computes a result."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 
 import typer
 from typer.core import TyperGroup
@@ -54,6 +55,8 @@ def _root(debug: bool = typer.Option(False, "--debug", envvar="ZEROQUANT_DEBUG",
                                      help="Show Python tracebacks for errors.")) -> None:
     global _debug
     _debug = debug
+    if not debug:  # third-party deprecation chatter is not for the user's terminal (--debug shows it)
+        warnings.simplefilter("ignore")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(exc: Exception, message: str, code: int) -> int:
+    from zeroquant.cli.output import close_stage_line
+
+    close_stage_line()
     if _debug:
         traceback.print_exception(exc, file=sys.stderr)
     print(f"zeroquant: error: {' '.join(message.split())}", file=sys.stderr)

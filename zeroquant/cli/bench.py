@@ -8,8 +8,7 @@ import typer
 from rich.table import Table
 
 from zeroquant.cli.app import app
-from zeroquant.cli.output import print_json, stdout
-from zeroquant.progress import progress_bar
+from zeroquant.cli.output import print_json, progress_display, stdout
 
 
 @app.command()
@@ -31,7 +30,7 @@ def bench(
     if batch < 1 or (runs is not None and runs < 1) or (threads is not None and threads < 1):
         raise UsageError("--batch, --runs and --threads must be positive")
     paths = [model, *(vs or [])]
-    with progress_bar(False if json_out else None) as progress:
+    with progress_display(quiet=json_out) as progress:
         latencies = measure(paths, batch, threads, runs, progress=progress)
     rows = [lat.to_dict() | {"bytes": p.stat().st_size, "census": kernel_census(p)} for p, lat in zip(paths, latencies)]
     if profile:

@@ -8,14 +8,12 @@ from rich.table import Table
 
 from zeroquant.cli import options as flags
 from zeroquant.cli.app import app
-from zeroquant.cli.output import key_value_table, parse_shape, print_json, stdout
-from zeroquant.cli.quantize import DEFAULT_MODEL, MODEL_HELP, _load
-from zeroquant.progress import progress_bar
+from zeroquant.cli.output import key_value_table, parse_shape, print_json, progress_display, stdout
 
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    model: str = flags.MODEL,
     quant_report: bool = typer.Option(False, "--quant-report", help="Per-layer SQNR of the quantized simulation "
                                                                     "and the BN statistics distillation missed."),
     arch: str = flags.ARCH,
@@ -28,42 +26,38 @@ def inspect(
     images: int = flags.IMAGES,
     iterations: int = flags.ITERATIONS,
     batch_size: int = flags.BATCH_SIZE,
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: int = flags.SEED,
     device: str = flags.DEVICE,
-    keep_first_last: int = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer, as for "
-                                                                    "quantize."),
+    keep_first_last: int = flags.KEEP_FIRST_LAST,
     keep_depthwise: int = flags.KEEP_DEPTHWISE,
-    reconstruct: str = typer.Option("auto", "--reconstruct", help="Block reconstruction: auto, on or off."),
+    reconstruct: str = flags.RECONSTRUCT,
     effort: str = flags.EFFORT,
-    full_range: bool = typer.Option(False, "--full-range", help="Full int8 weight grid, as for quantize."),
+    full_range: bool = flags.FULL_RANGE,
     trust_pickle: bool = flags.TRUST_PICKLE,
     top: int = typer.Option(15, "--top", help="Show the N worst layers of each table (0: all)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    json_out: bool = flags.JSON,
 ) -> None:
     """Measure, on the distilled images, what `quantize` with the same options would export: each layer's output
     SQNR against the float model (with everything quantized, and with weights only) and its weight SQNR, worst
     first; and the BatchNorm statistics the distilled images still miss, worst first."""
     from zeroquant.errors import UsageError
-    from zeroquant.evaluate.inspect import quant_report as measure
-    from zeroquant.pipeline import QuantizeOptions, prepare
+    from zeroquant.pipeline import inspect as measure
 
     if not quant_report:
         raise UsageError("nothing to inspect", "pass --quant-report")
     if top < 0:
         raise UsageError("--top must be 0 (all) or positive")
-    options = QuantizeOptions(wbits, abits, method, ranges, images, batch_size, iterations, seed=seed, device=device,
-                              reduce_range=not full_range, keep_first_last=keep_first_last,
-                              keep_depthwise=keep_depthwise, reconstruct=reconstruct, effort=effort)
-    options.validate()
-    loaded = _load(model, arch, weights, trust_pickle)
-    shape = loaded.shape(parse_shape(input_shape))
-    with progress_bar(False if json_out else None) as progress:
-        report = measure(prepare(loaded, shape, options, progress), top or None)
+    with progress_display(quiet=json_out) as progress:
+        report = measure(model, input_shape=parse_shape(input_shape), top=top or None, arch=arch, weights=weights,
+                         trust_pickle=trust_pickle, progress=progress, wbits=wbits, abits=abits, method=method,
+                         ranges=ranges, images=images, iterations=iterations, batch_size=batch_size, seed=seed,
+                         device=device, full_range=full_range, keep_first_last=keep_first_last,
+                         keep_depthwise=keep_depthwise, reconstruct=reconstruct, effort=effort)
     if json_out:
-        print_json({"model": loaded.name} | report)
+        print_json(report)
         return
     distilled = report["distillation"]
-    stdout.print(key_value_table(f"zeroquant inspect: {loaded.name}", [
+    stdout.print(key_value_table(f"zeroquant inspect: {report['model']}", [
         ("bits", f"W{wbits}A{abits}" + (f", first and last layer at {keep_first_last}" if keep_first_last else "")),
         ("calibration", f"{distilled['images']} {distilled['method']} images"
                         f"{' (cached)' if distilled['from_cache'] else ''}, final BN loss "

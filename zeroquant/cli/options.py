@@ -1,4 +1,5 @@
-"""Options that several commands share, declared once so their flags and help read the same everywhere."""
+"""Flags that several commands share, declared once so their names and help read the same everywhere. Each flag is
+named after the QuantizeOptions field it sets."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import typer
 
 from zeroquant.quant.ranges import RANGE_METHODS
 
+DEFAULT_MODEL = "zoo:efficientnet_lite0"
+MODEL_HELP = ("torch.export archive, checkpoint/state_dict (with --arch), zoo:NAME, or a pickled module "
+              "(with --trust-pickle)")
+
+MODEL = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP)
 ARCH = typer.Option(None, "--arch", help="Zoo architecture for a state_dict/checkpoint file.")
 WEIGHTS = typer.Option(None, "--weights", help="Weights file for a zoo:NAME model.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="C,H,W when the model does not say.")
@@ -17,10 +23,32 @@ RANGES = typer.Option("mse", "--ranges", help=f"Activation range method: {', '.j
 IMAGES = typer.Option(32, "--images", help="Number of distilled images.")
 ITERATIONS = typer.Option(None, "--iterations", help="Distillation steps (default depends on input size).")
 BATCH_SIZE = typer.Option(32, "--batch-size", help="Distillation batch size.")
+LR = typer.Option(0.2, "--lr", help="Distillation learning rate.")
+SEED = typer.Option(0, "--seed", help="Random seed; the same seed gives the same ONNX bytes.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-EFFORT = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough.")
-FULL_RANGE = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only).")
-TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code).")
+KEEP_FIRST_LAST = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer and their inputs "
+                                                            "(0: treat them like the rest).")
 KEEP_DEPTHWISE = typer.Option(8, "--keep-depthwise", help="Least weight bits of depthwise convs under a uniform "
                                                           "--wbits (0: treat them like the rest; --budget chooses "
                                                           "their bits).")
+RECONSTRUCT = typer.Option("auto", "--reconstruct", help="Block reconstruction (learned rounding and step sizes): "
+                                                         "auto (below 8 bits), on or off.")
+EFFORT = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough.")
+FULL_RANGE = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only).")
+NO_CACHE = typer.Option(False, "--no-cache", help="Distil (and measure sensitivity) again even if cached.")
+TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code).")
+WBITS_CHOICES = typer.Option("2,3,4,5,6,8", "--wbits-choices", help="Candidate weight bits per layer (--budget).")
+OBJECTIVE = typer.Option("size", "--objective", help="Cost axis of the frontier: size (packed weight bits) or bops.")
+JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def parse_choices(text: str) -> tuple[int, ...]:
+    from zeroquant.errors import UsageError
+
+    try:
+        choices = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        choices = ()
+    if not choices:
+        raise UsageError(f"--wbits-choices must be a comma-separated list of bit-widths from 2 to 8, got '{text}'")
+    return choices

@@ -1,13 +1,17 @@
-"""What commands print: results to stdout (a rich table, or JSON with --json), everything else to stderr."""
+"""What commands print: results to stdout (a rich table, or JSON with --json); progress to stderr, as rich bars on a
+terminal and one line per stage (its name, then its time) anywhere else, so a piped log is never silent for long."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import tempfile
-from pathlib import Path
+import sys
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from zeroquant.progress import ProgressEvent
 
 stdout = Console(soft_wrap=True)
 
@@ -40,14 +44,37 @@ def parse_shape(text: str | None) -> tuple[int, int, int] | None:
     return shape
 
 
-def check_writable(path: Path) -> None:
-    """Fail at once, not after minutes of distillation, when the folder of an output file cannot take it."""
-    from zeroquant.errors import OutputError
+_open_line = False  # a stage line is waiting for its time
 
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(f"output folder does not exist: {folder}", "create it or choose another path")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror}", "choose a writable folder") from exc
+
+def stage_lines(event: ProgressEvent) -> None:
+    """One line per stage on stderr: the name when it starts, its time when it ends, on the same line."""
+    global _open_line
+    if event.finished:
+        print(f" {event.seconds:.1f} s", file=sys.stderr, flush=True)
+        _open_line = False
+    elif event.done == 0:
+        steps = f" ({event.total} steps)" if event.total else ""
+        print(f"zeroquant: {event.stage}{steps} ...", end="", file=sys.stderr, flush=True)
+        _open_line = True
+
+
+def close_stage_line() -> None:
+    """A stage that raised never ends its line: say so, so that the error starts a line of its own."""
+    global _open_line
+    if _open_line:
+        print(" failed", file=sys.stderr, flush=True)
+        _open_line = False
+
+
+@contextlib.contextmanager
+def progress_display(quiet: bool = False):
+    """The sink for the library's progress: rich bars on a terminal, stage lines elsewhere, nothing when quiet."""
+    if quiet:
+        yield None
+    elif sys.stderr.isatty():
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=Console(stderr=True), transient=False) as bars:
+            yield bars
+    else:
+        yield stage_lines

@@ -22,7 +22,7 @@ def list_zoo(json_out: bool = typer.Option(False, "--json", help="Print the entr
         return
     table = Table(title="zeroquant zoo (models.yaml)", title_justify="left")
     for column in ("name", "arch", "input", "preprocessing", "weights"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name", overflow="fold")
     for row in rows:
         table.add_row(row["name"], row["arch"], "x".join(map(str, row["input_shape"])), row["preprocessing"],
                       row["weights"])

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision import transforms
 
 from zeroquant.errors import UsageError
+from zeroquant.optional import require
 from zeroquant.zoo.registry import Preprocessing, zoo_entry
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -59,8 +59,10 @@ def _balanced(files: list[tuple[Path, int]], limit: int) -> list[tuple[Path, int
     return sorted(chosen, key=lambda item: (item[1], item[0]))
 
 
-def transform_for(prep: Preprocessing) -> transforms.Compose:
-    """The torchvision pipeline that models.yaml's preprocessing entries describe."""
+def transform_for(prep: Preprocessing):
+    """The torchvision pipeline that models.yaml's preprocessing entries describe (torchvision's own transforms, so
+    images are prepared exactly as torchvision-trained models expect)."""
+    transforms = require("torchvision.transforms", "vision", "reading evaluation images")
     return transforms.Compose([
         transforms.Resize(prep.resize),
         transforms.CenterCrop(prep.crop),

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from zeroquant.graph.batchnorm import fold_batchnorm
-from zeroquant.pipeline import Prepared
+from zeroquant.calib import CalibSet
 from zeroquant.quant.sim import QuantSim, build_quantsim
 
 BATCH = 8  # images per pass: every layer's output of a batch is held twice (float and quantized)
@@ -47,11 +47,10 @@ def _quantized_weight(layer) -> torch.Tensor:
     return layer.integer_weight() * layer.weight_scale.reshape(-1, *[1] * (layer.weight.dim() - 1))
 
 
-def layer_sqnr(prepared: Prepared) -> list[LayerSQNR]:
+def layer_sqnr(graph_module: torch.fx.GraphModule, sim: QuantSim, images: torch.Tensor) -> list[LayerSQNR]:
     """SQNR of every conv/linear output, worst first. The reference is a fresh float simulation of the captured
-    graph, since reconstruction leaves the prepared simulation's weights on their learned grid."""
-    sim, images = prepared.sim, prepared.calib.images
-    reference = build_quantsim(fold_batchnorm(prepared.graph_module)[0])  # every quantizer disabled
+    graph, since reconstruction leaves the simulation's weights on their learned grid."""
+    reference = build_quantsim(fold_batchnorm(graph_module)[0])  # every quantizer disabled
     signal = dict.fromkeys(sim.layers, 0.0)
     noise = {mode: dict.fromkeys(sim.layers, 0.0) for mode in (True, False)}  # activations quantized or not
     try:
@@ -76,16 +75,14 @@ def layer_sqnr(prepared: Prepared) -> list[LayerSQNR]:
     return sorted(rows, key=lambda row: row.sqnr_db)
 
 
-def bn_mismatch(prepared: Prepared) -> list[tuple[str, float]]:
+def bn_mismatch(calib: CalibSet) -> list[tuple[str, float]]:
     """ZeroQ's loss per BatchNorm layer left after distillation, worst first (empty for noise calibration)."""
-    return sorted(prepared.calib.layer_mismatch.items(), key=lambda item: -item[1])
+    return sorted(calib.layer_mismatch.items(), key=lambda item: -item[1])
 
 
-def quant_report(prepared: Prepared, top: int | None = None) -> dict:
+def quant_report(graph_module: torch.fx.GraphModule, sim: QuantSim, calib: CalibSet, top: int | None = None) -> dict:
     """Both measurements as plain data, the `top` worst rows of each (all when None)."""
-    calib = prepared.calib
-    return {"layers": [asdict(row) for row in layer_sqnr(prepared)[:top]],
-            "bn_mismatch": [{"layer": name, "mismatch": value} for name, value in bn_mismatch(prepared)[:top]],
+    return {"layers": [asdict(row) for row in layer_sqnr(graph_module, sim, calib.images)[:top]],
+            "bn_mismatch": [{"layer": name, "mismatch": value} for name, value in bn_mismatch(calib)[:top]],
             "distillation": {"method": calib.method, "images": len(calib.images), "final_bn_loss": calib.final_loss,
-                             "from_cache": prepared.timings.get("distill_from_cache", False),
                              "settings": calib.settings}}

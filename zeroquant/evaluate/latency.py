@@ -15,8 +15,10 @@ import onnx
 import onnxruntime as ort
 
 from zeroquant.errors import UsageError
-from zeroquant.evaluate.accuracy import onnx_session
 from zeroquant.export.verify import INTEGER_KERNELS, census
+from zeroquant.progress import Progress
+from zeroquant.runtime import image_input
+from zeroquant.runtime import session as open_session
 
 FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "QLinearConv": 3,
@@ -72,10 +74,7 @@ def kernel_census(path: str | Path) -> dict:
 
 def random_feed(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
     """Gaussian noise for a model with one float input of static shape apart from (possibly) the batch."""
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
-        raise UsageError(f"bench needs one float input, the model has {', '.join(i.type for i in inputs)}")
-    name, shape = inputs[0].name, inputs[0].shape
+    name, shape = image_input(session)
     if not all(isinstance(d, int) for d in shape[1:]):
         raise UsageError(f"input '{name}' has symbolic dimensions {shape}; bench needs a static image size")
     if isinstance(shape[0], int) and shape[0] != batch:
@@ -91,7 +90,7 @@ def measure(paths: list[str | Path], batch: int = 1, threads: int | None = None,
     """
     # idle workers must sleep: spinning workers of one session steal the cores the next interleaved session runs on
     # (measured: +28 % on ResNet-20 with 2 threads)
-    sessions = [onnx_session(p, threads, spinning=False) for p in paths]
+    sessions = [open_session(p, threads, spinning=False) for p in paths]
     feeds = [random_feed(s, batch) for s in sessions]
 
     def one_round(k: int) -> np.ndarray:
@@ -106,12 +105,11 @@ def measure(paths: list[str | Path], batch: int = 1, threads: int | None = None,
     warm = [one_round(k).sum() for k in range(max(warmup, 1))]
     if runs is None:
         runs = int(np.clip(seconds / np.median(warm), 30, 1000))
-    task = progress.add_task(f"latency ({len(paths)} models)", total=runs) if progress else None
     times = []
-    for k in range(runs):
-        times.append(one_round(k))
-        if progress:
-            progress.advance(task)
+    with Progress(progress).stage(f"latency ({len(paths)} models)", total=runs) as advance:
+        for k in range(runs):
+            times.append(one_round(k))
+            advance()
     ms = 1e3 * np.array(times)
     return [Latency(str(p), runs, float(np.median(t)), float(np.percentile(t, 90)), float(t.mean()), float(t.min()),
                     1e3 * batch / float(np.median(t))) for p, t in zip(paths, ms.T)]
@@ -139,7 +137,7 @@ def time_by_kind(path: str | Path, batch: int = 1, threads: int | None = None, r
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "profile")
         options.optimized_model_filepath = str(Path(folder) / "optimised.onnx")
-        session = onnx_session(path, threads, options=options)
+        session = open_session(path, threads, options=options)
         feed = random_feed(session, batch)
         warmup = min(5, runs)
         for _ in range(warmup + runs):

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import tempfile
-from pathlib import Path
+import logging
 
 import onnx
 import torch
 from onnx import helper, numpy_helper
 from torch.export import Dim
-
-from zeroquant.errors import OutputError
 
 OPSET = 21  # QuantizeLinear/DequantizeLinear with int4 types; onnxruntime fuses QDQ at this opset
 INPUT_NAME, OUTPUT_NAME, BATCH = "input", "logits", "batch"
@@ -24,7 +20,7 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> onnx.
     example = torch.zeros(2, *input_shape)
     with torch.no_grad():
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: Dim(BATCH, min=1)},))
-    with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx narrates its steps on stdout; results go there
+    with contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"):  # it narrates its steps on stdout
         program = torch.onnx.export(exported, dynamo=True, opset_version=OPSET, verbose=False)
     model = program.model_proto
     _strip_metadata(model)
@@ -36,6 +32,18 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> onnx.
         value.type.tensor_type.shape.dim[0].dim_param = BATCH
     model.producer_name, model.producer_version = "zeroquant", _version()
     return model
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Only errors from a library's logger (torch.onnx logs, e.g., which optional packages it did not find)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def fold_zero_pads(model: onnx.ModelProto) -> None:
@@ -149,29 +157,3 @@ def _rename_value(model: onnx.ModelProto, old: str, new: str) -> None:
     for node in model.graph.node:
         node.input[:] = [new if name == old else name for name in node.input]
         node.output[:] = [new if name == old else name for name in node.output]
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write beside the target and rename, so an interrupted or failed write never leaves a partial file."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"output folder does not exist: {folder}", "create it or choose another -o path")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror}") from exc
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; outputs get the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
-        raise

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from zeroquant.evaluate.accuracy import predict_onnx
+from zeroquant.runtime import predict, session
 
 INTEGER_KERNELS = {
     "QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
@@ -59,19 +59,6 @@ class Parity:
         return asdict(self)
 
 
-def session(model: onnx.ModelProto | str | Path, threads: int | None = None,
-            optimized_path: str | None = None, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    if optimized_path:
-        options.optimized_model_filepath = optimized_path
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
 def census(model: onnx.ModelProto, layer_weights: dict[str, str], layer_macs: dict[str, int]) -> Census:
     """Find each layer's weight initializer in onnxruntime's optimised graph and see which kernel consumes it.
 
@@ -100,7 +87,7 @@ def census(model: onnx.ModelProto, layer_weights: dict[str, str], layer_macs: di
 
 
 def parity(model: onnx.ModelProto, simulation, images: torch.Tensor) -> Parity:
-    onnx_logits = predict_onnx(session(model), images.numpy())
+    onnx_logits = predict(session(model), images.numpy())
     with torch.no_grad():
         torch_logits = torch.cat([simulation(images[i : i + 64]) for i in range(0, len(images), 64)]).numpy()
     diff = np.abs(onnx_logits - torch_logits)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from zeroquant.graph.ops import relu_upper_bound
+from zeroquant.progress import SILENT, Progress
 from zeroquant.quant.quantizers import ActivationQuantizer, QuantizedLayer
 from zeroquant.quant.sim import QuantSim, clamp_quantizers
 
@@ -92,8 +93,8 @@ def _set_block_quantization(sim: QuantSim, block: Block, enabled: bool) -> None:
             sim.activations[node.target].enabled = enabled
 
 
-def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", seed: int = 0, progress=None,
-                skip_layers: set[str] = frozenset()) -> list[dict]:
+def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", seed: int = 0,
+                progress: Progress = SILENT, skip_layers: set[str] = frozenset()) -> list[dict]:
     """Reconstruct every block in order; returns per-block losses before and after (for the report)."""
     settings = EFFORTS[effort]
     generator = torch.Generator().manual_seed(seed)
@@ -101,31 +102,36 @@ def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", se
     blocks = find_blocks(sim)
     fp_in = q_in = images
     summary = []
-    task = progress.add_task("block reconstruction", total=len(blocks) * settings.iterations) if progress else None
-    for block in blocks:
-        _set_block_quantization(sim, block, False)
-        fp_out = _run(block.graph_module, fp_in, settings.batch_size)
-        _set_block_quantization(sim, block, True)
-        q_out = _run(block.graph_module, q_in, settings.batch_size)
-        before = float(torch.mean((q_out - fp_out) ** 2))
-        saved = _snapshot(sim, block)
-        _train_block(sim, block, fp_in, q_in, fp_out, settings, generator, skip_layers, progress, task)
-        trained = _run(block.graph_module, q_in, settings.batch_size)
-        after = float(torch.mean((trained - fp_out) ** 2))
-        if after <= before:
-            q_out = trained
-        else:  # never leave a block worse than calibration left it (happens for 8-bit blocks: nothing to gain)
-            _restore(sim, block, saved)
-            after = before
-        summary.append({"layers": [sim.layers[n].name for n in block.layers], "mse_before": before,
-                        "mse_after": after})
-        fp_in, q_in = fp_out, q_out
+    with progress.stage("block reconstruction", total=len(blocks) * settings.iterations) as advance:
+        for block in blocks:
+            row, fp_in, q_in = _reconstruct_block(sim, block, fp_in, q_in, settings, generator, skip_layers, advance)
+            summary.append(row)
     _cap_to_clamps(sim)
     for name, layer in sim.layers.items():  # step sizes moved: biases follow their inputs' new scales
         feeding = sim.layer_inputs.get(name)
         layer.input_scale = sim.activations[feeding].scale if feeding else None
         layer.refresh_bias()
     return summary
+
+
+def _reconstruct_block(sim, block, fp_in, q_in, settings, generator, skip_layers, advance):
+    """Train one block; returns its report row and the block's float and quantized outputs (the next inputs)."""
+    _set_block_quantization(sim, block, False)
+    fp_out = _run(block.graph_module, fp_in, settings.batch_size)
+    _set_block_quantization(sim, block, True)
+    q_out = _run(block.graph_module, q_in, settings.batch_size)
+    before = float(torch.mean((q_out - fp_out) ** 2))
+    saved = _snapshot(sim, block)
+    _train_block(sim, block, fp_in, q_in, fp_out, settings, generator, skip_layers, advance)
+    trained = _run(block.graph_module, q_in, settings.batch_size)
+    after = float(torch.mean((trained - fp_out) ** 2))
+    if after <= before:
+        q_out = trained
+    else:  # never leave a block worse than calibration left it (happens for 8-bit blocks: nothing to gain)
+        _restore(sim, block, saved)
+        after = before
+    row = {"layers": [sim.layers[n].name for n in block.layers], "mse_before": before, "mse_after": after}
+    return row, fp_out, q_out
 
 
 def _cap_to_clamps(sim: QuantSim) -> None:
@@ -152,7 +158,7 @@ def _restore(sim: QuantSim, block: Block, saved: dict) -> None:
         sim.activations[name].scale = scale
 
 
-def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, skip_layers, progress, task):
+def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, skip_layers, advance):
     layers: list[QuantizedLayer] = [sim.layers[n] for n in block.layers if n not in skip_layers]
     quantizers: list[ActivationQuantizer] = [sim.activations[n] for n in block.quantizers]
     rounding, weight_scales = [], []
@@ -183,13 +189,12 @@ def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, s
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if progress:
-                progress.advance(task)
+            advance()
     finally:
         for layer in layers:
             layer.stop_rounding()
         for quantizer in quantizers:
             quantizer.stop_learning()
-        if progress and optimizer is None:
-            progress.advance(task, settings.iterations)
+        if optimizer is None:
+            advance(settings.iterations)
 

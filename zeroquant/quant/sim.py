@@ -39,6 +39,20 @@ class QuantSim:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph_module(x)
 
+    def layer_macs(self, input_shape) -> dict[str, int]:
+        """Multiply-accumulates of every conv/linear layer for one image."""
+        macs, hooks = {}, []
+        for name, layer in self.layers.items():
+            hooks.append(layer.register_forward_hook(
+                lambda module, _, out, name=name: macs.__setitem__(name, out[0].numel() * module.macs_per_output)))
+        try:
+            with torch.no_grad():
+                self(torch.zeros(1, *input_shape))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return macs
+
 
 def _fuses_activation(node: torch.fx.Node) -> bool:
     """True when the node's only user is a relu-like op that onnxruntime folds into the QuantizeLinear after it."""

@@ -177,14 +177,3 @@ def note(front: Frontier, index: int, budget_text: str, budget: float) -> str:
 def uniform_points(problem: Problem) -> list[dict]:
     """Every layer at the same bit-width, one configuration per choice: the baselines the frontier must beat."""
     return [problem.point(np.full(len(problem.layers), i)) for i in range(len(problem.choices))]
-
-
-def parse_choices(text: str) -> tuple[int, ...]:
-    try:
-        choices = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        choices = ()
-    if not choices or choices[0] < 2 or choices[-1] > 8:
-        raise UsageError(f"--wbits-choices must be a comma-separated list of bit-widths from 2 to 8, got '{text}'")
-    return choices
-

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Interpreter
 
-from zeroquant.calib import cache as calib_cache
-from zeroquant.export.onnx_export import write_atomic
+from zeroquant.errors import OutputError
+from zeroquant.files import cache_root, write_atomic
+from zeroquant.progress import SILENT, Progress
 from zeroquant.quant.sim import QuantSim
 
 FORMAT = 1
@@ -32,10 +33,10 @@ def cache_key(model_digest: str, images: torch.Tensor, choices, reduce_range: bo
 
 
 def cached_sensitivity(sim: QuantSim, images: torch.Tensor, choices, model_digest: str, reduce_range: bool,
-                       use_cache: bool = True, progress=None) -> tuple[np.ndarray, bool]:
+                       use_cache: bool = True, progress: Progress = SILENT) -> tuple[np.ndarray, bool]:
     """layer_sensitivity from the cache (`<cache>/sensitivity/KEY.json`) when it was computed before."""
     key = cache_key(model_digest, images, choices, reduce_range)
-    path = calib_cache.cache_dir().parent / "sensitivity" / f"{key}.json"
+    path = cache_root() / "sensitivity" / f"{key}.json"
     if use_cache and path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -45,13 +46,16 @@ def cached_sensitivity(sim: QuantSim, images: torch.Tensor, choices, model_diges
             pass
     table = layer_sensitivity(sim, images, choices, progress)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps({"layers": list(sim.layers), "choices": list(choices),
-                                       "kl": table.tolist()}).encode())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps({"layers": list(sim.layers), "choices": list(choices),
+                                           "kl": table.tolist()}).encode())
+        except (OSError, OutputError):  # an unwritable cache only means measuring again next time
+            pass
     return table, False
 
 
-def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress=None) -> np.ndarray:
+def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Progress = SILENT) -> np.ndarray:
     """KL[layer, choice], averaged over the images; leaves every quantizer of `sim` disabled."""
     sim.set_enabled(weights=False, activations=False)
     graph, k = sim.graph_module.graph, len(choices)
@@ -62,18 +66,17 @@ def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress=Non
     with torch.no_grad():
         keep.run(images[:1])
         chunk = max(1, MEMORY_BUDGET // ((k + 1) * _bytes(keep.env)))
-        task = progress.add_task("layer sensitivity", total=-(-len(images) // chunk) * table.size) if progress else None
-        for start in range(0, len(images), chunk):
-            batch = images[start : start + chunk]
-            log_p = F.log_softmax(keep.run(batch).double(), 1)
-            for row, name in enumerate(sim.layers):
-                suffix = _Suffix(sim, nodes[name], choices, len(batch))
-                env = suffix.stacked_env(keep.env, batched)
-                log_q = F.log_softmax(suffix.run(batch, initial_env=env).double(), 1).unflatten(0, (k, len(batch)))
-                kl = F.kl_div(log_q, log_p.expand_as(log_q), reduction="none", log_target=True)
-                table[row] += kl.sum((1, 2)).numpy()
-                if task is not None:
-                    progress.advance(task, k)
+        with progress.stage("layer sensitivity", total=-(-len(images) // chunk) * table.size) as advance:
+            for start in range(0, len(images), chunk):
+                batch = images[start : start + chunk]
+                log_p = F.log_softmax(keep.run(batch).double(), 1)
+                for row, name in enumerate(sim.layers):
+                    suffix = _Suffix(sim, nodes[name], choices, len(batch))
+                    env = suffix.stacked_env(keep.env, batched)
+                    log_q = F.log_softmax(suffix.run(batch, initial_env=env).double(), 1).unflatten(0, (k, len(batch)))
+                    kl = F.kl_div(log_q, log_p.expand_as(log_q), reduction="none", log_target=True)
+                    table[row] += kl.sum((1, 2)).numpy()
+                    advance(k)
     return table / len(images)
 
 

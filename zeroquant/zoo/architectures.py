@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zeroquant.optional import require
+
 
 class _SubsamplePad(nn.Module):
     """Option-A shortcut: drop every other pixel, then zero-pad the channels (no parameters, export-friendly)."""
@@ -70,16 +72,14 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> nn.Module:
 
 def efficientnet_lite(variant: str, num_classes: int = 1000) -> nn.Module:
     """EfficientNet-Lite from efficientnet-lite-pytorch; `from_name` builds without fetching weights."""
-    from efficientnet_lite_pytorch import EfficientNet  # optional dependency, needed only for these entries
-
-    return EfficientNet.from_name(variant, num_classes=num_classes)
+    package = require("efficientnet_lite_pytorch", "zoo", "the EfficientNet-Lite zoo entries")
+    return package.EfficientNet.from_name(variant, num_classes=num_classes)
 
 
 def torchvision_model(name: str, num_classes: int = 1000) -> nn.Module:
     """A torchvision classifier with random weights (`weights=None`: nothing is fetched)."""
-    import torchvision  # imported here: it costs seconds and only these zoo entries need it
-
-    return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    models = require("torchvision.models", "vision", "the torchvision zoo entries")  # costs seconds: only here
+    return getattr(models, name)(weights=None, num_classes=num_classes)
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {

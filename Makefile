@@ -1,12 +1,12 @@
-# Every target installs what it needs into .venv first (pinned torch/torchvision from pyproject.toml).
+# Every target installs what it needs into .venv first, at the exact versions of constraints.txt.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[zoo,test]"
 	touch $(STAMP)
 
 .PHONY: install demo test bench bench-accuracy

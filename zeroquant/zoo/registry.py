@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -43,8 +44,12 @@ class ZooEntry:
 
 
 def zoo_file() -> Path:
-    """models.yaml at the repository root, unless ZEROQUANT_ZOO names another file."""
-    return Path(os.environ.get(ZOO_FILE_ENV, Path(__file__).resolve().parents[2] / "models.yaml"))
+    """ZEROQUANT_ZOO if set; else models.yaml at the repository root (a checkout or an editable install), else the
+    copy an installed zeroquant keeps in <prefix>/share/zeroquant (whose ../shared paths a user rarely has)."""
+    if ZOO_FILE_ENV in os.environ:
+        return Path(os.environ[ZOO_FILE_ENV])
+    checkout = Path(__file__).resolve().parents[2] / "models.yaml"
+    return checkout if checkout.is_file() else Path(sys.prefix) / "share" / "zeroquant" / "models.yaml"
 
 
 @cache

@@ -111,7 +111,7 @@ def run_model(name: str, variants: list[Variant], args, progress, log) -> dict:
     job = start(f"zoo:{name}", None, QuantizeOptions(seed=args.seed), {}, progress=progress)
     data = dataset_for_zoo(name, args.limit)
     fp32 = folder / "fp32.onnx"
-    write_atomic(fp32, to_onnx(job.graph_module, job.shape).SerializeToString())
+    write_atomic(fp32, to_onnx(job.graph_module, job.shape, job.captured.output_names).SerializeToString())
     reference = predict(session(fp32), data.images)
     fp32_top1 = evaluate_logits(reference, data.labels)[0]
     calibs, distill_s, rows = {}, {}, []

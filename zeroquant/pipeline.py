@@ -24,7 +24,7 @@ from zeroquant.export.int4 import pack_int4
 from zeroquant.export.integer_model import integer_model
 from zeroquant.export.onnx_export import to_onnx
 from zeroquant.files import check_writable, write_all
-from zeroquant.graph.batchnorm import fold_batchnorm
+from zeroquant.graph.decompose import for_quantization
 from zeroquant.graph.capture import CapturedModel, capture
 from zeroquant.options import QuantizeOptions
 from zeroquant.progress import Progress
@@ -138,7 +138,7 @@ class Prepared:
     graph_module: torch.fx.GraphModule  # the captured float graph
     calib: CalibSet
     sim: QuantSim
-    unfolded_bn: int  # BatchNorm layers left in float
+    unfolded_bn: int  # BatchNorm layers not folded into the layer before them (depthwise 1x1 convs now)
     low_bit: bool
     reconstruction: list[dict]
     timings: dict
@@ -168,7 +168,7 @@ def prepare(job: Job, calibration=None) -> Prepared:
     calib, from_cache = _calibration(job, calibration)
     lap("distill")
     timings["distill_from_cache"] = from_cache
-    folded, unfolded_bn = fold_batchnorm(job.graph_module)
+    folded, unfolded_bn = for_quantization(job.graph_module)
     notes = []
     layer_bits = dict(options.layer_bits or {})
     if options.budget is not None:
@@ -207,7 +207,8 @@ def prepare(job: Job, calibration=None) -> Prepared:
         notes.append(f"cross-layer equalization rescaled {equalized} conv -> ReLU -> conv pair(s) (chains through "
                      "ReLU6 are left alone: it does not commute with scaling)")
     if unfolded_bn:
-        notes.append(f"{unfolded_bn} BatchNorm layer(s) do not follow a conv/linear and run in float")
+        notes.append(f"{unfolded_bn} BatchNorm layer(s) follow no conv/linear (e.g. pre-activation BN): each runs as "
+                     "the depthwise 1x1 conv it equals, in an integer kernel")
     return Prepared(job.graph_module, calib, sim, unfolded_bn, low_bit, reconstruction, timings, notes, layer_bits)
 
 
@@ -223,7 +224,7 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     options, sim, calib, timings = job.options, prepared.sim, prepared.calib, prepared.timings
     lap = stopwatch(timings)
     with job.progress.stage("export"):
-        model = to_onnx(integer_model(sim), job.shape)
+        model = to_onnx(integer_model(sim), job.shape, job.captured.output_names)
         packed = {f"{name}.weight" for name, layer in sim.layers.items() if options.pack_int4 and layer.bits <= 4}
         if packed:
             pack_int4(model, packed)
@@ -231,7 +232,7 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     with job.progress.stage("verify"):
         try:
             verify.check(model)
-            check = verify.parity(model, sim, calib.images)
+            check = verify.parity(model, sim, calib.images, job.captured.output_names)
         except Exception as exc:
             raise VerificationError(f"the exported model failed verification: {exc}") from exc
         if check.diverged:
@@ -240,7 +241,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
                 f"{check.max_abs_logit_diff:.3g} ({100 * check.relative_max_diff:.0f} % of the logit range), top-1 "
                 f"agreement {check.top1_agreement:.1f} % on the distilled images; nothing was written")
         macs = sim.layer_macs(job.shape)
-        census = verify.census(model, {name: f"{name}.weight" for name in sim.layers}, macs)
+        census = verify.census(model, {name: f"{name}.weight" for name in sim.layers}, macs,
+                               {name: layer.integer_weight().to(torch.int8).numpy() for name, layer in sim.layers.items()})
     lap("verify")
     data = model.SerializeToString()
     float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
@@ -254,11 +256,14 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     report = QuantizeReport(
         model=job.loaded.name,
         output=str(output) if output is not None else "",
+        outputs=list(job.captured.output_names),
         settings=asdict(options) | {"input_shape": list(job.shape), "iterations": calib.settings.get("iterations"),
                                     "layer_bits": prepared.layer_bits or None},
         layers=[_layer_report(sim, name, macs.get(name, 0)) for name in sim.layers],
         activation_ranges={name: [round(v, 6) for v in q.range] for name, q in sim.activations.items()},
-        float_ops=sim.float_ops,
+        float_ops=[f"{op} x{count}: onnxruntime has no integer kernel for it, so it runs in float between a "
+                   f"DequantizeLinear and a QuantizeLinear" for op, count in census.float_ops.items()] +
+                  [f"{op} x{count}: works on the model's float output" for op, count in census.output_float_ops.items()],
         sizes={"onnx_bytes": len(data), "float32_weight_bytes": float_bytes,
                "onnx_vs_float32_weights": round(len(data) / float_bytes, 4)},
         timings=timings,
@@ -269,7 +274,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
         reconstruction=prepared.reconstruction,
         notes=notes,
     )
-    float_model = to_onnx(prepared.graph_module, job.shape).SerializeToString() if with_float else None
+    float_model = to_onnx(prepared.graph_module, job.shape, job.captured.output_names).SerializeToString() if \
+        with_float else None
     timings["total"] = round(sum(v for k, v in timings.items() if k != "distill_from_cache"), 3)
     return QuantizeResult(report, data, float_model)
 
@@ -312,7 +318,7 @@ def pareto(model, output: str | Path | None = None, *, input_shape=None, options
     options, clock = job.options, time.perf_counter()
     calib, _ = distill_set(job)
     distilled = time.perf_counter() - clock
-    found = _search(job, fold_batchnorm(job.graph_module)[0], calib)
+    found = _search(job, for_quantization(job.graph_module)[0], calib)
     problem, front = found.problem, found.front
     budget = options.budget_limit()
     cost = budget.cost(problem) if budget is not None else None

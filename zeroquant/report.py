@@ -22,10 +22,11 @@ class LayerReport:
 class QuantizeReport:
     model: str
     output: str
+    outputs: list[str]  # the ONNX model's output names (a dict model's keys)
     settings: dict
     layers: list[LayerReport]
     activation_ranges: dict[str, list[float]]
-    float_ops: list[str]
+    float_ops: list[str]  # the ops onnxruntime runs in float, and why
     sizes: dict[str, float]
     timings: dict[str, float]
     parity: dict

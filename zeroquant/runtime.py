@@ -14,7 +14,8 @@ from zeroquant.errors import ModelLoadError, UsageError
 
 def session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None, spinning: bool = True,
             options: ort.SessionOptions | None = None, optimized_path: str | Path | None = None,
-            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            disabled_optimizers: tuple[str, ...] = ()) -> ort.InferenceSession:
     """A CPU session on a model in memory or a file. spinning=False lets idle intra-op workers sleep (for sessions
     timed interleaved); optimized_path saves onnxruntime's optimised graph (to see which kernels it chose)."""
     options = options or ort.SessionOptions()
@@ -34,7 +35,8 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = N
             raise ModelLoadError(f"ONNX model not found: {model}")
         model = str(model)
     try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as e:  # onnxruntime raises its own (unexported) exception types
         raise ModelLoadError(f"onnxruntime cannot load {'the model' if isinstance(model, bytes) else model}: "
                              f"{str(e).splitlines()[0]}") from e

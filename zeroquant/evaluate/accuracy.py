@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from zeroquant.errors import UsageError
 from zeroquant.runtime import predict, session
 
 if TYPE_CHECKING:  # datasets imports torchvision, which quantize and bench do not need
@@ -48,6 +49,15 @@ def evaluate_logits(
     return float(top1), float(top5), agreement
 
 
+def require_classifier(model, path) -> None:
+    """eval measures top-1/top-5, which needs one [batch, classes] output; other models get a clear refusal."""
+    outputs = model.get_outputs()
+    if len(outputs) != 1 or len(outputs[0].shape) != 2:
+        shapes = ", ".join(f"{o.name} {o.shape}" for o in outputs)
+        raise UsageError(f"eval measures classifiers (one [batch, classes] output); {path} has {shapes}",
+                         "compare its outputs with the float model's in your own metric (e.g. mIoU)")
+
+
 def evaluate_onnx(
     model_path: str | Path,
     data: ImageSet,
@@ -57,6 +67,7 @@ def evaluate_onnx(
 ) -> EvalResult:
     """Accuracy of one ONNX model, and how often it agrees with a reference (e.g. the FP32 model it came from)."""
     model = session(model_path, threads)
+    require_classifier(model, model_path)
     start = time.perf_counter()
     logits = predict(model, data.images, batch_size)
     elapsed = time.perf_counter() - start

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from zeroquant.graph.batchnorm import fold_batchnorm
+from zeroquant.graph.decompose import for_quantization
 from zeroquant.calib import CalibSet
 from zeroquant.quant.sim import QuantSim, build_quantsim
 
@@ -50,7 +50,7 @@ def _quantized_weight(layer) -> torch.Tensor:
 def layer_sqnr(graph_module: torch.fx.GraphModule, sim: QuantSim, images: torch.Tensor) -> list[LayerSQNR]:
     """SQNR of every conv/linear output, worst first. The reference is a fresh float simulation of the captured
     graph, since reconstruction leaves the simulation's weights on their learned grid."""
-    reference = build_quantsim(fold_batchnorm(graph_module)[0])  # every quantizer disabled
+    reference = build_quantsim(for_quantization(graph_module)[0])  # every quantizer disabled
     signal = dict.fromkeys(sim.layers, 0.0)
     noise = {mode: dict.fromkeys(sim.layers, 0.0) for mode in (True, False)}  # activations quantized or not
     try:

@@ -12,11 +12,13 @@ from onnx import helper, numpy_helper
 from torch.export import Dim
 
 OPSET = 21  # QuantizeLinear/DequantizeLinear with int4 types; onnxruntime fuses QDQ at this opset
-INPUT_NAME, OUTPUT_NAME, BATCH = "input", "logits", "batch"
+INPUT_NAME, BATCH = "input", "batch"
 
 
-def to_onnx(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> onnx.ModelProto:
-    """Export with one float32 NCHW input of dynamic batch and the logits as the only output."""
+def to_onnx(module: torch.nn.Module, input_shape: tuple[int, int, int],
+            output_names: list[str] = ("logits",)) -> onnx.ModelProto:
+    """Export with one float32 NCHW input of dynamic batch, named "input", and the outputs named as given (the
+    module returns one tensor, or a tuple of them in that order)."""
     example = torch.zeros(2, *input_shape)
     with torch.no_grad():
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: Dim(BATCH, min=1)},))
@@ -27,8 +29,9 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> onnx.
     fold_zero_pads(model)
     global_pools(model)
     _rename_value(model, model.graph.input[0].name, INPUT_NAME)
-    _rename_value(model, model.graph.output[0].name, OUTPUT_NAME)
-    for value in (model.graph.input[0], model.graph.output[0]):
+    for output, name in zip(list(model.graph.output), output_names):
+        _rename_value(model, output.name, name)
+    for value in (model.graph.input[0], *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH
     model.producer_name, model.producer_version = "zeroquant", _version()
     return model
@@ -88,22 +91,43 @@ def fold_zero_pads(model: onnx.ModelProto) -> None:
 
 
 def global_pools(model: onnx.ModelProto) -> None:
-    """ReduceMean over H and W of an NCHW tensor (keepdims) becomes GlobalAveragePool, which onnxruntime runs as
-    QLinearGlobalAveragePool between Q/DQ; ReduceMean has no integer kernel and would run in float."""
+    """ReduceMean over H and W of an NCHW tensor becomes GlobalAveragePool, which onnxruntime runs as
+    QLinearGlobalAveragePool between Q/DQ; ReduceMean has no integer kernel and would run in float. Without keepdims
+    (x.mean((2, 3))) a Flatten follows, on the uint8 tensor: the QuantizeLinear after the mean is repeated before it
+    (the same grid, so no value changes) and onnxruntime flattens the integers."""
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(graph.value_info) + list(graph.input)}
+    consumers: dict[str, list] = {}
     for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rebuilt = []
+    for node in graph.node:
+        rebuilt.append(node)
         if node.op_type != "ReduceMean" or len(node.input) != 2 or node.input[1] not in constants:
             continue
         keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
         rank = ranks.get(node.input[0])
         axes = sorted(int(a) % rank for a in constants[node.input[1]]) if rank else None
-        if keepdims != 1 or rank != 4 or axes != [2, 3]:
+        if rank != 4 or axes != [2, 3]:
             continue
         node.op_type = "GlobalAveragePool"
         del node.input[1:]
         del node.attribute[:]
+        if keepdims:
+            continue
+        pooled, after = f"{node.output[0]}_pooled", consumers.get(node.output[0], [])
+        flat_input = pooled
+        if len(after) == 1 and after[0].op_type == "QuantizeLinear":
+            quantize = after[0]
+            rebuilt += [helper.make_node("QuantizeLinear", [pooled, *quantize.input[1:]], [f"{pooled}_q"]),
+                        helper.make_node("DequantizeLinear", [f"{pooled}_q", *quantize.input[1:]], [f"{pooled}_dq"])]
+            flat_input = f"{pooled}_dq"
+        rebuilt.append(helper.make_node("Flatten", [flat_input], [node.output[0]], axis=1))
+        node.output[0] = pooled
+    del graph.node[:]
+    graph.node.extend(rebuilt)
     drop_unused_initializers(graph)
 
 

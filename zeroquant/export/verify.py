@@ -12,7 +12,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from zeroquant.runtime import predict, session
+from zeroquant.quant.sim import as_outputs
+from zeroquant.runtime import run_all, session
 
 INTEGER_KERNELS = {
     "QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
@@ -30,6 +31,8 @@ class Census:
     integer_macs: int = 0
     total_macs: int = 0
     op_counts: dict[str, int] = field(default_factory=dict)
+    float_ops: dict[str, int] = field(default_factory=dict)  # op type -> float islands (between DQ and Q)
+    output_float_ops: dict[str, int] = field(default_factory=dict)  # op type -> float ops on the model's output
 
     @property
     def integer_mac_fraction(self) -> float:
@@ -41,13 +44,15 @@ class Census:
 
 @dataclass
 class Parity:
-    """The ONNX model (onnxruntime, integer kernels) against the PyTorch simulation on the same images."""
+    """The ONNX model (onnxruntime, integer kernels) against the PyTorch simulation on the same images; with several
+    outputs, the worst output's differences and the mean agreement (argmax over channels, at every position)."""
 
     images: int
     top1_agreement: float  # percent
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
-    relative_max_diff: float  # max difference over the spread of the simulation's logits
+    relative_max_diff: float  # max difference over the spread of the simulation's values, worst output
+    outputs: dict[str, dict] = field(default_factory=dict)  # per output name, when there are several
 
     @property
     def diverged(self) -> bool:
@@ -59,22 +64,31 @@ class Parity:
         return asdict(self)
 
 
-def census(model: onnx.ModelProto, layer_weights: dict[str, str], layer_macs: dict[str, int]) -> Census:
+def census(model: onnx.ModelProto, layer_weights: dict[str, str], layer_macs: dict[str, int],
+           weight_values: dict[str, np.ndarray] | None = None) -> Census:
     """Find each layer's weight initializer in onnxruntime's optimised graph and see which kernel consumes it.
 
-    layer_weights maps layer name -> its weight initializer name in `model`; layer_macs gives MACs per image.
+    layer_weights maps layer name -> its weight initializer name in `model`; layer_macs gives MACs per image. The
+    exporter keeps one initializer for equal tensors (a BN's depthwise conv holds only +-127), so a name it dropped
+    is found by the values (weight_values) instead.
     """
     with tempfile.TemporaryDirectory() as tmp:
         optimized = str(Path(tmp) / "optimized.onnx")
-        session(model, optimized_path=optimized, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        session(model, optimized_path=optimized, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                disabled_optimizers=("ConstantSharing",))  # it would merge equal weights too
         graph = onnx.load(optimized).graph
+    names = {init.name for init in model.graph.initializer}
+    for layer, weight in layer_weights.items():
+        if weight not in names and weight_values is not None and layer in weight_values:
+            layer_weights = layer_weights | {layer: _same_values(model, weight_values[layer]) or weight}
     consumers: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     for node in graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
         for name in node.input:
             consumers.setdefault(name, []).append(node.op_type)
-    result = Census(op_counts=dict(sorted(counts.items())))
+    islands, at_output = float_ops(graph)
+    result = Census(op_counts=dict(sorted(counts.items())), float_ops=islands, output_float_ops=at_output)
     for layer, weight in layer_weights.items():
         macs = layer_macs.get(layer, 0)
         result.total_macs += macs
@@ -86,14 +100,52 @@ def census(model: onnx.ModelProto, layer_weights: dict[str, str], layer_macs: di
     return result
 
 
-def parity(model: onnx.ModelProto, simulation, images: torch.Tensor) -> Parity:
-    onnx_logits = predict(session(model), images.numpy())
+def _same_values(model: onnx.ModelProto, values: np.ndarray) -> str | None:
+    for init in model.graph.initializer:
+        if tuple(init.dims) == values.shape and init.data_type == onnx.TensorProto.INT8 and \
+                np.array_equal(onnx.numpy_helper.to_array(init), values):
+            return init.name
+    return None
+
+
+NOT_COMPUTE = {"QuantizeLinear", "DequantizeLinear", "Shape", "Size"}
+
+
+def float_ops(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, int]]:
+    """Op types of the nodes that compute on float activations (the model input, a DequantizeLinear of an
+    activation, or another such node's output) in onnxruntime's optimised graph: the float islands, and apart from
+    them the ops that only work on what the model outputs (e.g. an upsampling of the last layer's float output)."""
+    constants = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    floating = {i.name for i in graph.input if i.name not in constants}
+    islands: dict[str, int] = {}
+    at_output: dict[str, int] = {}
+    for node in graph.node:  # topologically sorted
+        if node.op_type == "DequantizeLinear" and node.input[0] not in constants:
+            floating.update(node.output)
+        elif node.op_type not in NOT_COMPUTE and any(name in floating for name in node.input):
+            found = at_output if set(node.output) <= outputs else islands
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+            floating.update(node.output)
+    return dict(sorted(islands.items())), dict(sorted(at_output.items()))
+
+
+def parity(model: onnx.ModelProto, simulation, images: torch.Tensor, names: list[str]) -> Parity:
+    onnx_outputs = run_all(session(model), images.numpy())
     with torch.no_grad():
-        torch_logits = torch.cat([simulation(images[i : i + 64]) for i in range(0, len(images), 64)]).numpy()
-    diff = np.abs(onnx_logits - torch_logits)
-    agree = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean() * 100)
-    spread = float(torch_logits.max() - torch_logits.min()) or 1.0
-    return Parity(len(images), agree, float(diff.max()), float(diff.mean()), float(diff.max()) / spread)
+        chunks = [as_outputs(simulation(chunk)) for chunk in images.split(64)]
+    sim_outputs = [torch.cat(parts).numpy() for parts in zip(*chunks)]
+    rows = {}
+    for name, ours, expected in zip(names, onnx_outputs, sim_outputs):
+        diff = np.abs(ours - expected)
+        spread = float(expected.max() - expected.min()) or 1.0
+        rows[name] = {"top1_agreement": float((ours.argmax(1) == expected.argmax(1)).mean() * 100),
+                      "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                      "relative_max_diff": float(diff.max()) / spread}
+    values = list(rows.values())
+    return Parity(len(images), float(np.mean([r["top1_agreement"] for r in values])),
+                  max(r["max_abs_diff"] for r in values), float(np.mean([r["mean_abs_diff"] for r in values])),
+                  max(r["relative_max_diff"] for r in values), rows if len(rows) > 1 else {})
 
 
 def check(model: onnx.ModelProto) -> None:

@@ -44,9 +44,11 @@ def batchnorm_stats(graph_module: torch.fx.GraphModule) -> list[BatchNormStats]:
 
 
 def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
-    """A copy with every BN that directly follows a conv/linear (its only user) folded into that layer's weights.
+    """A copy with every BN that directly follows a conv/linear (its only user) folded into that layer's weights, and
+    every other BN of an image tensor (pre-activation BN, as in DenseNet: BN -> ReLU -> conv, after a concat) turned
+    into the depthwise 1x1 conv it equals, which onnxruntime runs as an integer QLinearConv with the ReLU absorbed.
 
-    Returns the new module and how many BN layers could not be folded (they stay as float ops).
+    Returns the new module and how many BN layers were not folded into a layer before them.
     """
     gm = copy.deepcopy(graph_module)
     unfolded = 0
@@ -54,6 +56,7 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
         producer = node.args[0]
         if not (isinstance(producer, torch.fx.Node) and role(producer) is Role.WEIGHTED and len(producer.users) == 1):
             unfolded += 1
+            _as_depthwise_conv(gm, node)
             continue
         gamma, beta, mean, var, eps = _bn_params(gm, node)
         scale = gamma / torch.sqrt(var + eps)
@@ -82,6 +85,26 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, unfolded
+
+
+def _as_depthwise_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """BN(x) = x * gamma / std + (beta - mean * gamma / std) per channel: a depthwise 1x1 conv of an N,C,H,W tensor.
+    Other ranks (BN after a flatten) stay as they are, in float."""
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        return
+    gamma, beta, mean, var, eps = _bn_params(gm, node)
+    scale = gamma / torch.sqrt(var + eps)
+    base = layer_name(node).replace(".", "_")
+    with gm.graph.inserting_before(node):
+        weight = _register(gm, f"{base}_weight", scale.reshape(-1, 1, 1, 1))
+        bias = _register(gm, f"{base}_bias", beta - mean * scale)
+        conv = gm.graph.call_function(torch.ops.aten.conv2d.default,
+                                      (node.args[0], weight, bias, [1, 1], [0, 0], [1, 1], len(scale)))
+    conv.meta = dict(node.meta)
+    conv.meta["bn_output"] = (beta.detach().float().clone(), gamma.detach().abs().float().clone())
+    node.replace_all_uses_with(conv)
+    gm.graph.erase_node(node)
 
 
 def _register(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> torch.fx.Node:

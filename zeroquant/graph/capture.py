@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from zeroquant.errors import UnsupportedModelError, UsageError
 
+aten = torch.ops.aten
+ASSERTIONS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
+              aten.sym_constrain_range.default, aten._assert_tensor_metadata.default}
+
+
+SIZE_ARGUMENT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+
 
 @dataclass
 class CapturedModel:
-    graph_module: torch.fx.GraphModule
+    graph_module: torch.fx.GraphModule  # returns the model's output tensor, or a tuple of them (one per name)
     input_shape: tuple[int, int, int]
+    output_names: list[str]  # "logits" for a single tensor; else the keys of the model's outputs ("out", "aux")
 
 
 def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> CapturedModel:
-    """torch.export the model with a dynamic batch dimension and return its graph as a GraphModule."""
+    """torch.export the model with a dynamic batch dimension and return its graph as a GraphModule whose outputs
+    are flat (a tensor, or a tuple of tensors named by `output_names`)."""
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise UsageError(f"input shape must be C,H,W with positive sizes, got {input_shape}")
+    if isinstance(module, torch.fx.GraphModule):
+        module = free_batch(module)
     module = module.eval()
     example = torch.randn(2, *input_shape)
     try:
@@ -42,7 +55,66 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
     graph_module = exported.module()
     _drop_guards(graph_module)
     _read_batch_size_locally(graph_module)
-    return CapturedModel(graph_module, tuple(input_shape))
+    return CapturedModel(graph_module, tuple(input_shape), _flat_outputs(graph_module, exported.call_spec.out_spec))
+
+
+def _flat_outputs(graph_module: torch.fx.GraphModule, out_spec) -> list[str]:
+    """Make the graph return its leaves (a tensor, or a tuple) instead of the model's dict / nested structure, and
+    name each leaf by its key path: a dict's keys ("out", "aux"), positions for a tuple ("output_0", ...)."""
+    leaves = out_spec.num_leaves
+    paths = [path for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(range(leaves), out_spec))[0]]
+    names = [".".join(_key_name(k) for k in path) for path in paths]
+    names = ["logits"] if leaves == 1 else [n if not n.isdigit() else f"output_{n}" for n in names]
+    output = next(n for n in graph_module.graph.nodes if n.op == "output")
+    values = pytree.tree_leaves(output.args[0])
+    output.args = (values[0] if leaves == 1 else tuple(values),)
+    graph_module.graph._codegen = torch.fx.graph.CodeGen()
+    graph_module.recompile()
+    return names
+
+
+def _key_name(key) -> str:
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def free_batch(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a torch.export'ed module that runs on any batch size: a program saved with a bounded batch
+    (Dim('batch', min=1, max=1024)) checks its inputs against that range, and one saved with a fixed batch B has B
+    written into its reshapes. The checks go; a leading B in a reshape of a tensor whose batch is B becomes that
+    tensor's own batch size. Anything else is left as it is (capture then says what the model rejects)."""
+    module = copy.deepcopy(module)
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" or node.target in ASSERTIONS:
+            graph.erase_node(node)
+    placeholder = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    batch = _static_batch(placeholder)
+    if batch is not None:
+        for node in list(graph.nodes):
+            if node.target not in SIZE_ARGUMENT_OPS or not isinstance(node.args[1], (list, tuple)):
+                continue
+            source, sizes = node.args[0], list(node.args[1])
+            if sizes and sizes[0] == batch and _static_batch(source) == batch:
+                with graph.inserting_before(node):
+                    sizes[0] = graph.call_function(aten.sym_size.int, (source, 0))
+                node.args = (source, sizes, *node.args[2:])
+    graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def _static_batch(node) -> int | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], int):
+        return value.shape[0]
+    return None
 
 
 def _accepts_one_image(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> bool:

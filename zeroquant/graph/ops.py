@@ -5,14 +5,17 @@ Roles:
 - BATCHNORM: folded into the preceding WEIGHTED op when possible.
 - ACTIVATION: relu / relu6 (hardtanh 0..6); fused into the WEIGHTED or add before it, as onnxruntime folds
   Relu/Clip into the following QuantizeLinear.
-- PASSTHROUGH: ops that only move, select or clamp values; their output reuses the input's quantizer (same scale
-  and zero point), which onnxruntime needs to run them on uint8 data.
-- Anything else (add, pooling, mul, hardswish, unknown ops): its output gets a quantizer of its own.
+- PASSTHROUGH: ops that only move, select, split or interpolate values; their output reuses the input's quantizer
+  (same scale and zero point), which onnxruntime needs to run them on uint8 data. A `getitem` reads one output of a
+  split / chunk / unbind (the op itself yields a list, no tensor, and has no role).
+- Anything else (add, pooling, mul, sigmoid, unknown ops): its output gets a quantizer of its own. onnxruntime runs
+  it in an integer kernel where it has one; the census of its optimised graph (export/verify.py) names the rest.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from enum import Enum
 
 import torch
@@ -42,16 +45,16 @@ for _op in (
     aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.slice.Tensor, aten.pad.default,
     aten.constant_pad_nd.default, aten.max_pool2d.default, aten.dropout.default, aten.alias.default,
     aten.clone.default, aten.contiguous.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-    aten.permute.default, aten.transpose.int, aten.detach.default, aten.dropout_.default,
+    aten.permute.default, aten.transpose.int, aten.detach.default, aten.dropout_.default, operator.getitem,
+    aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, aten.upsample_bilinear2d.vec,
+    aten.upsample_bilinear2d.default, aten.expand.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.default,
+    aten.channel_shuffle.default,
 ):
     ROLES[_op] = Role.PASSTHROUGH
 
-# Ops whose meaning is known and that have integer kernels in onnxruntime; any other COMPUTE op is listed in the
-# report as running in float between a DequantizeLinear and a QuantizeLinear.
-INTEGER_COMPUTE = {
-    aten.add.Tensor, aten.add_.Tensor, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
-    aten.mean.dim, aten.mul.Tensor, aten.cat.default, aten.sigmoid.default,
-}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+          aten.tensor_split.sections, aten.tensor_split.indices}
+
 
 
 def role(node: torch.fx.Node) -> Role | None:
@@ -80,6 +83,15 @@ def relu_upper_bound(node: torch.fx.Node) -> float:
     if node.target in (aten.hardtanh.default, aten.hardtanh_.default):
         return float(node.args[2]) if len(node.args) > 2 else 1.0
     return 6.0 if node.target == aten.relu6.default else float("inf")
+
+
+def passthrough_source(node: torch.fx.Node):
+    """The tensor a PASSTHROUGH op reads its values from: its first argument, or, for a getitem of a split, the
+    split's input."""
+    source = node.args[0] if node.args else None
+    if node.target is operator.getitem and isinstance(source, torch.fx.Node) and source.target in SPLITS:
+        source = source.args[0]
+    return source
 
 
 def attribute_value(graph_module: torch.fx.GraphModule, node) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ import torch
 from zeroquant.graph.ops import relu_upper_bound
 from zeroquant.progress import SILENT, Progress
 from zeroquant.quant.quantizers import ActivationQuantizer, QuantizedLayer
-from zeroquant.quant.sim import QuantSim, clamp_quantizers
+from zeroquant.quant.sim import QuantSim, as_outputs, clamp_quantizers
 
 
 @dataclass(frozen=True)
@@ -47,18 +47,27 @@ def find_blocks(sim: QuantSim) -> list[Block]:
     for i, node in enumerate(nodes):
         segment.append(node)
         alive = [n for n in [placeholder, *nodes[: i + 1]] if _used_after(n, order, i)]
-        has_layer = any(n.op == "call_module" and n.target in sim.layers for n in segment)
-        if alive == [node] and has_layer:  # a segment without a layer (a pool, a flatten) joins the next block
-            blocks.append(_extract(sim, start_value, segment, node, seen_quantizers))
+        if alive == [node] and _has_layer(sim, segment):  # a segment without a layer joins the next block
+            blocks.append(_extract(sim, start_value, segment, [node], seen_quantizers))
             start_value, segment = node, []
+    if _has_layer(sim, segment):  # several outputs (a dict of maps): the last block ends at all of them
+        output = next(n for n in graph.nodes if n.op == "output")
+        ends = [n for n in as_outputs(output.args[0]) if isinstance(n, torch.fx.Node)]
+        blocks.append(_extract(sim, start_value, segment, ends, seen_quantizers))
     return blocks
+
+
+def _has_layer(sim: QuantSim, segment: list) -> bool:
+    return any(n.op == "call_module" and n.target in sim.layers for n in segment)
 
 
 def _used_after(node, order, index) -> bool:
     return any(order.get(u, math.inf) > index for u in node.users)
 
 
-def _extract(sim: QuantSim, start, segment, end, seen_quantizers: set) -> Block:
+def _extract(sim: QuantSim, start, segment, ends: list, seen_quantizers: set) -> Block:
+    """The segment as a module of one input and one output (several ends are flattened and concatenated, which is
+    all the reconstruction loss needs)."""
     graph = torch.fx.Graph()
     value = {start: graph.placeholder("x")}
 
@@ -69,7 +78,11 @@ def _extract(sim: QuantSim, start, segment, end, seen_quantizers: set) -> Block:
 
     for node in segment:
         value[node] = graph.node_copy(node, lookup)
-    graph.output(value[end])
+    if len(ends) == 1:
+        graph.output(value[ends[0]])
+    else:
+        flat = [graph.call_function(torch.flatten, (value[end], 1)) for end in ends]
+        graph.output(graph.call_function(torch.cat, (flat, 1)))
     module = torch.fx.GraphModule(sim.graph_module, graph)
     layers = [n.target for n in segment if n.op == "call_module" and n.target in sim.layers]
     quantizers = []
@@ -140,7 +153,7 @@ def _cap_to_clamps(sim: QuantSim) -> None:
     QuantizeLinear would stop onnxruntime's QLinearConv fusion (measured: 37 % of Lite0's MACs fell back to float)."""
     for clamp, quantizer in clamp_quantizers(sim.graph_module.graph, sim.activations):
         upper = relu_upper_bound(clamp)
-        if quantizer.range[1] > upper:
+        if quantizer.zero_point == 0 and quantizer.range[1] > upper:
             quantizer.scale = upper / (2**quantizer.bits - 1)
 
 

@@ -19,7 +19,7 @@ from torch.fx import Interpreter
 from zeroquant.errors import OutputError
 from zeroquant.files import cache_root, write_atomic
 from zeroquant.progress import SILENT, Progress
-from zeroquant.quant.sim import QuantSim
+from zeroquant.quant.sim import QuantSim, as_outputs
 
 FORMAT = 1
 MEMORY_BUDGET = 1 << 30  # bytes of kept activations per chunk of images
@@ -69,13 +69,13 @@ def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Pr
         with progress.stage("layer sensitivity", total=-(-len(images) // chunk) * table.size) as advance:
             for start in range(0, len(images), chunk):
                 batch = images[start : start + chunk]
-                log_p = F.log_softmax(keep.run(batch).double(), 1)
+                reference = [F.log_softmax(out.double(), 1) for out in as_outputs(keep.run(batch))]
                 for row, name in enumerate(sim.layers):
                     suffix = _Suffix(sim, nodes[name], choices, len(batch))
                     env = suffix.stacked_env(keep.env, batched)
-                    log_q = F.log_softmax(suffix.run(batch, initial_env=env).double(), 1).unflatten(0, (k, len(batch)))
-                    kl = F.kl_div(log_q, log_p.expand_as(log_q), reduction="none", log_target=True)
-                    table[row] += kl.sum((1, 2)).numpy()
+                    for log_p, out in zip(reference, as_outputs(suffix.run(batch, initial_env=env))):
+                        log_q = F.log_softmax(out.double(), 1).unflatten(0, (k, len(batch)))
+                        table[row] += image_kl(log_q, log_p.expand_as(log_q), class_dim=2).sum(1).numpy()
                     advance(k)
     return table / len(images)
 
@@ -114,13 +114,23 @@ class _Suffix(Interpreter):
         return torch.cat(outputs)
 
 
-def output_divergence(sim: QuantSim, images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """(mean KL from the reference logits, top-1 agreement in %) of the simulation as it is configured."""
+def image_kl(log_q: torch.Tensor, log_p: torch.Tensor, class_dim: int = 1) -> torch.Tensor:
+    """KL(p || q) over the class dimension, averaged over positions for dense outputs (a segmentation map):
+    [*leading, classes, *positions] -> [*leading]."""
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(class_dim)
+    return kl.flatten(class_dim).mean(-1) if kl.dim() > class_dim else kl
+
+
+def output_divergence(sim: QuantSim, images: torch.Tensor, reference) -> tuple[float, float]:
+    """(mean KL from the reference outputs, summed over outputs; top-1 agreement in %, averaged over outputs and
+    positions) of the simulation as it is configured."""
     with torch.no_grad():
-        logits = sim(images)
-    log_p, log_q = F.log_softmax(reference.double(), 1), F.log_softmax(logits.double(), 1)
-    kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True).item()
-    return kl, 100.0 * (logits.argmax(1) == reference.argmax(1)).double().mean().item()
+        outputs = as_outputs(sim(images))
+    kl, agreement = 0.0, []
+    for expected, out in zip(as_outputs(reference), outputs):
+        kl += image_kl(F.log_softmax(out.double(), 1), F.log_softmax(expected.double(), 1)).mean().item()
+        agreement.append((out.argmax(1) == expected.argmax(1)).double().mean().item())
+    return kl, 100.0 * sum(agreement) / len(agreement)
 
 
 def _downstream(graph: torch.fx.Graph, start: torch.fx.Node) -> set[torch.fx.Node]:

@@ -1,0 +1,138 @@
+"""Any CNN a user brings (issue 12): archives saved with a bounded or fixed batch, dict outputs, and every op
+handler that keeps an op out of float, each run in onnxruntime against the simulation and the float model; and a
+fast subset of benchmarks/coverage.py on torchvision families with random weights."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+import zeroquant
+from tests.conftest import make_small_net
+from zeroquant.cli.app import main
+from zeroquant.runtime import run_all, session
+
+FAST = dict(images=8, batch_size=8, iterations=3)
+
+
+def populated(model: nn.Module, shape, passes: int = 3) -> nn.Module:
+    """BN statistics from a few training-mode passes over noise, as a trained model would have them."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            model(torch.randn(8, *shape))
+    return model.eval()
+
+
+def test_bounded_and_fixed_batch_archives_give_the_same_file(tmp_path):
+    model, x = make_small_net(), torch.randn(4, 3, 16, 16)
+    forms = {"unbounded": (x[:2], {0: Dim("batch")}), "bounded": (x[:2], {0: Dim("batch", min=1, max=1024)}),
+             "fixed1": (x[:1], None), "fixed4": (x, None)}
+    files = {}
+    for name, (example, dynamic) in forms.items():
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=(dynamic,) if dynamic else None),
+                          tmp_path / f"{name}.pt2")
+        files[name] = zeroquant.quantize(tmp_path / f"{name}.pt2", **FAST).onnx
+    assert len(set(files.values())) == 1, "every archive form gives the same ONNX bytes"
+    outputs = run_all(session(files["fixed1"]), np.random.default_rng(0).standard_normal((3, 3, 16, 16), np.float32))
+    assert outputs[0].shape == (3, 5)  # the fixed-batch archive's file takes any batch
+
+
+class TwoHeads(nn.Module):
+    """A segmentation-style model: a dict of two dense maps, as torchvision's segmentation models return."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.out, self.aux = nn.Conv2d(8, 5, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return {"out": F.interpolate(self.out(y), size=x.shape[-2:], mode="nearest"), "aux": self.aux(y)}
+
+
+def test_dict_outputs_are_named_and_checked(tmp_path, capsys):
+    model = populated(TwoHeads(), (3, 16, 16))
+    result = zeroquant.quantize(model, tmp_path / "seg.onnx", input_shape=(3, 16, 16), **FAST)
+    assert result.report.outputs == ["out", "aux"] and set(result.report.parity["outputs"]) == {"out", "aux"}
+    ort_session = session(tmp_path / "seg.onnx")
+    assert [o.name for o in ort_session.get_outputs()] == ["out", "aux"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16), np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))
+    for name, got in zip(["out", "aux"], run_all(ort_session, x)):
+        assert got.shape == tuple(expected[name].shape)
+        assert np.abs(got - expected[name].numpy()).max() < 0.1 * np.abs(expected[name].numpy()).max()
+    assert result.report.census["integer_mac_fraction"] == 1.0
+    assert main(["eval", str(tmp_path / "seg.onnx"), "--preprocess", "cifar10", "--data", str(tmp_path)]) == 2
+    assert "eval measures classifiers (one [batch, classes] output)" in capsys.readouterr().err
+
+
+class Handlers(nn.Module):
+    """One of each op the export keeps out of float: SiLU, hardswish, an SE gate (hardsigmoid), a channel split
+    with shuffle and concat, a pre-activation BatchNorm, scalar arithmetic and a nearest upsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU())
+        self.expand = nn.Sequential(nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), nn.Hardswish())
+        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 16, 1),
+                                     nn.Hardsigmoid())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.preact = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1))
+        self.head = nn.Linear(16, 6)
+
+    def forward(self, x):
+        x = self.expand(self.stem(x))
+        x = x * self.squeeze(x)
+        left, right = x.chunk(2, dim=1)
+        x = torch.cat([left, self.branch(right)], 1)
+        x = x.view(x.size(0), 2, 8, *x.shape[2:]).transpose(1, 2).reshape(x.size(0), 16, *x.shape[2:])
+        x = F.relu6(x * 0.5 + 1.0) / 6
+        x = F.interpolate(self.preact(x), scale_factor=2, mode="nearest")
+        return self.head(x.mean((2, 3)))
+
+
+def test_every_handler_runs_in_integer_kernels(tmp_path):
+    model = populated(Handlers(), (3, 16, 16))
+    result = zeroquant.quantize(model, tmp_path / "h.onnx", input_shape=(3, 16, 16),
+                                float_output=tmp_path / "fp32.onnx", **FAST)
+    census = result.report.census
+    assert census["float_ops"] == {} and census["integer_mac_fraction"] == 1.0, census
+    ops = census["op_counts"]
+    for op in ("QLinearSigmoid", "QLinearMul", "QLinearAdd", "QLinearConcat", "Split", "QLinearGlobalAveragePool"):
+        assert ops.get(op), (op, ops)
+    assert result.report.float_ops == []
+    assert any("depthwise 1x1 conv" in note for note in result.report.notes)
+    x = np.random.default_rng(1).standard_normal((16, 3, 16, 16), np.float32)
+    quantized, reference = run_all(session(tmp_path / "h.onnx"), x)[0], run_all(session(tmp_path / "fp32.onnx"), x)[0]
+    assert np.abs(quantized - reference).max() < 0.1 * np.abs(reference).max()
+
+
+def test_hardswish_export_equals_the_simulation():
+    """x + 3 quantized with six times the scale is hardsigmoid on the grid it is read with: the file and the
+    simulation agree to rounding on every image, not only on average."""
+    model = populated(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Hardswish(), nn.Conv2d(8, 8, 1),
+                                    nn.BatchNorm2d(8), nn.Hardsigmoid(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4)),
+                      (3, 16, 16))
+    result = zeroquant.quantize(model, input_shape=(3, 16, 16), **FAST)
+    assert result.report.census["float_ops"] == {}
+    assert result.report.parity["relative_max_diff"] < 0.02 and result.report.parity["top1_agreement"] == 100
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x0_5", "efficientnet_b0", "densenet121"])
+def test_torchvision_families_quantize_to_integer_kernels(name, tmp_path):
+    """The fast subset of benchmarks/coverage.py: random weights, populated BN statistics, 64 px."""
+    torchvision = pytest.importorskip("torchvision")
+    model = populated(getattr(torchvision.models, name)(weights=None), (3, 64, 64), passes=2)
+    result = zeroquant.quantize(model, tmp_path / "m.onnx", input_shape=(3, 64, 64), **FAST)
+    census = result.report.census
+    assert census["integer_mac_fraction"] >= 0.99 and census["float_ops"] == {}, census
+    written = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert written["float_ops"] == [] and onnx.load(tmp_path / "m.onnx").graph.output[0].name == "logits"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zeroquant.calib import DistillSettings
-from zeroquant.calib.base import tap_batchnorms
+from zeroquant.calib.base import calib_set, tap_batchnorms
 from zeroquant.calib.genie import GenieDistiller, Swing, swing_strided_convs
 from zeroquant.graph.capture import capture
 from zeroquant.progress import SILENT, Progress
@@ -23,6 +23,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def genie(gm, settings, progress=SILENT):
+    """The whole set, as zeroquant.calib.distill puts the batches together."""
+    batches = GenieDistiller().distill(gm, SHAPE, settings, CPU, progress, list(range(len(settings.batch_sizes()))))
+    return calib_set("genie", settings, batches)
+
+
 def captured(small_net):
     return capture(small_net, SHAPE).graph_module
 
@@ -33,8 +39,8 @@ def convs(gm):
 
 def test_distillation_lowers_the_bn_loss(small_net):
     gm = captured(small_net)
-    start = GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 0, 0.2, 0), CPU, SILENT)
-    end = GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 40, 0.2, 0), CPU, SILENT)
+    start = genie(gm, DistillSettings(8, 8, 0, 0.2, 0))
+    end = genie(gm, DistillSettings(8, 8, 40, 0.2, 0))
     assert end.final_loss < 0.5 * start.final_loss, (start.final_loss, end.final_loss)
     assert set(end.layer_mismatch) == set(start.layer_mismatch) and len(end.layer_mismatch) == 4
     # the model handed in is untouched: swing lives only in the distillation copy
@@ -43,7 +49,7 @@ def test_distillation_lowers_the_bn_loss(small_net):
 
 def test_same_seed_same_images(small_net):
     gm = captured(small_net)
-    runs = [GenieDistiller().distill(gm, SHAPE, DistillSettings(8, 8, 6, 0.2, seed), CPU, SILENT)
+    runs = [genie(gm, DistillSettings(8, 8, 6, 0.2, seed))
             for seed in (3, 3, 4)]
     assert torch.equal(runs[0].images, runs[1].images)
     assert runs[0].final_loss == runs[1].final_loss
@@ -52,7 +58,7 @@ def test_same_seed_same_images(small_net):
 
 def test_calib_set_size_and_shape(small_net):
     settings = DistillSettings(num_images=10, batch_size=4, iterations=3, lr=0.2, seed=0)
-    calib = GenieDistiller().distill(captured(small_net), SHAPE, settings, CPU, SILENT)
+    calib = genie(captured(small_net), settings)
     assert calib.images.shape == (10, *SHAPE) and calib.images.dtype == torch.float32
     assert calib.method == "genie" and calib.settings == settings.key()
     assert torch.isfinite(calib.images).all() and calib.final_loss == calib.final_loss
@@ -60,7 +66,7 @@ def test_calib_set_size_and_shape(small_net):
 
 def test_progress_advances_once_per_step(small_net):
     events = []
-    GenieDistiller().distill(captured(small_net), SHAPE, DistillSettings(6, 4, 4, 0.2, 0), CPU, Progress(events.append))
+    genie(captured(small_net), DistillSettings(6, 4, 4, 0.2, 0), Progress(events.append))
     assert [e.done for e in events] == list(range(2 * 4 + 1)) + [2 * 4]
     assert {e.total for e in events} == {2 * 4} and events[-1].finished and not any(e.finished for e in events[:-1])
 

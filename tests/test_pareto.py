@@ -132,12 +132,16 @@ def test_sensitivity_matches_the_definition(net, small_net_graph):
         capture(ViewNet().eval(), (3, 8, 8)).graph_module, (3, 8, 8))
     sim = build_quantsim(fold_batchnorm(graph_module)[0])
     images = torch.randn(6, *shape)
-    assert np.allclose(layer_sensitivity(sim, images, CHOICES), naive_sensitivity(sim, images), rtol=1e-3, atol=1e-9)
+    measured = layer_sensitivity(sim, images, CHOICES)
+    table = np.stack([measured[row] for row in range(len(sim.layers))])
+    assert np.allclose(table, naive_sensitivity(sim, images), rtol=1e-3, atol=1e-9)
+    assert layer_sensitivity(sim, images, CHOICES, rows=[1]).keys() == {1}  # a process's share of the rows
 
 
 def test_sensitivity_on_distilled_small_net(small_net_graph):
     images = distill(make_small_net(), input_shape=(3, 16, 16), images=8, batch_size=8, iterations=2)
-    table = layer_sensitivity(build_quantsim(fold_batchnorm(small_net_graph)[0]), images, CHOICES)
+    measured = layer_sensitivity(build_quantsim(fold_batchnorm(small_net_graph)[0]), images, CHOICES)
+    table = np.stack([measured[row] for row in sorted(measured)])
     assert table.shape == (5, len(CHOICES)) and np.all(table >= 0)
     assert np.all(table[:, 0] > table[:, -1])
     assert np.mean(np.diff(table, axis=1) < 0) >= 0.8, table

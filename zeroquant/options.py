@@ -13,6 +13,7 @@ from zeroquant.search.pareto import DEFAULT_CHOICES, OBJECTIVES, Budget, parse_b
 
 BIAS_CORRECTION = ("auto", "on", "analytic", "off")
 RECONSTRUCT = ("auto", "on", "off")
+ROUNDING = ("nearest", "gptq")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -36,6 +37,7 @@ class QuantizeOptions:
     cache: bool = True  # reuse distilled sets and sensitivities from the cache
     keep_first_last: int = 8  # bits of the first and last layer (weights and their inputs); 0 = no exception
     keep_depthwise: int = 8  # least weight bits of depthwise convs under a uniform wbits; 0 = no exception
+    rounding: str = "nearest"  # weight rounding before any reconstruction: nearest, or gptq (second-order)
     reconstruct: str = "auto"  # block reconstruction: auto (below 8 bits), on, off
     effort: str = "default"
     bias_correction: str = "auto"  # auto: on (measured) for networks with depthwise convs; on, analytic, off

@@ -17,6 +17,7 @@ from zeroquant import calib as calibration_sets
 from zeroquant.calib import CalibSet, DistillSettings
 from zeroquant.calib.preview import check_channels, grid_png
 from zeroquant.device import resolve_device
+from zeroquant.distributed import Workers, current
 from zeroquant.errors import UsageError, VerificationError
 from zeroquant.evaluate.inspect import quant_report
 from zeroquant.export import verify
@@ -31,6 +32,7 @@ from zeroquant.progress import Progress
 from zeroquant.quant.bias_correction import correct_biases
 from zeroquant.quant.calibrate import calibrate
 from zeroquant.quant.equalize import equalize
+from zeroquant.quant.gptq import gptq
 from zeroquant.quant.plan import keep_depthwise, keep_first_last
 from zeroquant.quant.reconstruct import reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
@@ -51,7 +53,8 @@ class Job:
     shape: tuple[int, int, int]
     options: QuantizeOptions
     captured: CapturedModel
-    progress: Progress
+    progress: Progress  # silent on every process but the first
+    workers: Workers  # this process's place in a torchrun / --workers job (alone: rank 0 of 1)
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -63,15 +66,20 @@ def start(model, input_shape, options: QuantizeOptions | None, option_values: di
     """Validate everything that can be checked before the slow stages, then load and capture the model."""
     options = QuantizeOptions.of(options, **option_values)
     options.validate()
+    workers = current(options.device)
     for path in outputs:
-        if path is not None:
+        if path is not None and workers.is_main:
             check_writable(path)
-    progress = Progress(progress)
-    loaded = resolve_model(model, arch, weights, trust_pickle)
-    shape = loaded.shape(_shape(input_shape))
-    with progress.stage("capture"):
-        captured = capture(loaded.module, shape)
-    return Job(loaded, shape, options, captured, progress)
+    progress = Progress(progress if workers.is_main else None)
+
+    def load_and_capture():
+        loaded = resolve_model(model, arch, weights, trust_pickle)
+        shape = loaded.shape(_shape(input_shape))
+        with progress.stage("capture"):
+            return loaded, shape, capture(loaded.module, shape)
+
+    loaded, shape, captured = workers.run(load_and_capture)  # a bad model: one error, said once for the job
+    return Job(loaded, shape, options, captured, progress, workers)
 
 
 def _shape(input_shape) -> tuple[int, int, int] | None:
@@ -90,7 +98,8 @@ def distill_set(job: Job, seed: int | None = None, images: int | None = None) ->
                                options.iterations or calibration_sets.default_iterations(job.shape), options.lr,
                                options.seed if seed is None else seed)
     return calibration_sets.distill(job.graph_module, job.shape, options.method, settings,
-                                    resolve_device(options.device), job.loaded.digest, options.cache, job.progress)
+                                    resolve_device(options.device), job.loaded.digest, options.cache, job.progress,
+                                    job.workers)
 
 
 def held_out_set(job: Job) -> CalibSet:
@@ -116,7 +125,8 @@ def _calibration(job: Job, calibration) -> tuple[CalibSet, bool]:
 def _search(job: Job, folded: torch.fx.GraphModule, calib: CalibSet):
     options = job.options
     return search(folded, calib.images, job.shape, options.wbits_choices, options.objective, options.abits,
-                  options.keep_first_last, options.reduce_range, job.loaded.digest, options.cache, job.progress)
+                  options.keep_first_last, options.reduce_range, job.loaded.digest, options.cache, job.progress,
+                  job.workers)
 
 
 def budget_bits(job: Job, folded: torch.fx.GraphModule, calib: CalibSet) -> tuple[dict[str, int], str, str]:
@@ -143,6 +153,7 @@ class Prepared:
     reconstruction: list[dict]
     timings: dict
     notes: list[str]
+    rounding: list[dict]  # per layer, GPTQ's output error against plain rounding
     layer_bits: dict[str, int]  # the per-layer weight bits asked for (layer_bits) or chosen (budget)
 
 
@@ -188,6 +199,10 @@ def prepare(job: Job, calibration=None) -> Prepared:
     lap("calibrate")
     low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
         q.bits < 8 for q in sim.activations.values())
+    rounding = []
+    if options.rounding == "gptq":
+        rounding = gptq(sim, calib.images, progress=progress)
+        lap("rounding")
     has_depthwise = any(layer.is_depthwise for layer in sim.layers.values())
     if options.bias_correction in ("on", "analytic") or (options.bias_correction == "auto" and has_depthwise):
         with progress.stage("bias correction"):
@@ -195,7 +210,8 @@ def prepare(job: Job, calibration=None) -> Prepared:
         lap("bias_correction")
     reconstruction = []
     if options.reconstruct == "on" or (options.reconstruct == "auto" and low_bit):
-        reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress)
+        reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress,
+                                     workers=job.workers)
         lap("reconstruct")
     if options.keep_first_last and low_bit:
         notes.append(f"the first and last layers and their inputs stay at {options.keep_first_last} bits "
@@ -209,7 +225,8 @@ def prepare(job: Job, calibration=None) -> Prepared:
     if unfolded_bn:
         notes.append(f"{unfolded_bn} BatchNorm layer(s) follow no conv/linear (e.g. pre-activation BN): each runs as "
                      "the depthwise 1x1 conv it equals, in an integer kernel")
-    return Prepared(job.graph_module, calib, sim, unfolded_bn, low_bit, reconstruction, timings, notes, layer_bits)
+    return Prepared(job.graph_module, calib, sim, unfolded_bn, low_bit, reconstruction, timings, notes, rounding,
+                    layer_bits)
 
 
 def _layer_report(sim: QuantSim, name: str, macs: int) -> LayerReport:
@@ -225,9 +242,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     lap = stopwatch(timings)
     with job.progress.stage("export"):
         model = to_onnx(integer_model(sim), job.shape, job.captured.output_names)
-        packed = {f"{name}.weight" for name, layer in sim.layers.items() if options.pack_int4 and layer.bits <= 4}
-        if packed:
-            pack_int4(model, packed)
+        low = {f"{name}.weight" for name, layer in sim.layers.items() if options.pack_int4 and layer.bits <= 4}
+        packed = pack_int4(model, low) if low else 0
     lap("export")
     with job.progress.stage("verify"):
         try:
@@ -248,8 +264,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
     notes = list(prepared.notes)
     if packed:
-        notes.append(f"{len(packed)} layer(s) store INT4 weights (--pack-int4): onnxruntime has no int4 conv kernel, "
-                     "so they dequantize to float and run in float (see census.float_layers)")
+        notes.append(f"{packed} layer(s) store INT4 weights (--pack-int4), widened to int8 by a Cast that "
+                     "onnxruntime folds when it loads the file: they still run in integer kernels")
     if options.reduce_range:
         notes.append("weights of non-depthwise layers use the 7-bit grid [-63, 63] inside int8 (reduce_range) so "
                      "onnxruntime's u8s8 kernels cannot saturate on CPUs without VNNI; --full-range lifts this")
@@ -272,6 +288,7 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
         distillation={"method": calib.method, "images": len(calib.images), "final_bn_loss": calib.final_loss,
                       "settings": calib.settings},
         reconstruction=prepared.reconstruction,
+        rounding=prepared.rounding,
         notes=notes,
     )
     float_model = to_onnx(prepared.graph_module, job.shape, job.captured.output_names).SerializeToString() if \
@@ -294,16 +311,25 @@ def quantize(model, output: str | Path | None = None, *, input_shape=None, optio
     job = start(model, input_shape, options, option_values, arch, weights, trust_pickle, (output, float_output),
                 progress)
     prepared = prepare(job, calibration)
-    result = export(job, prepared, output, float_output is not None)
-    files = []
-    if output is not None:
-        output = Path(output)
-        files += [(output, result.onnx), (output.with_suffix(output.suffix + ".json"), result.report.to_json().encode())]
-    if float_output is not None:
-        files.append((float_output, result.float_onnx))
-    with job.progress.stage("write"):
-        write_all(files)
-    return result
+
+    def export_and_write() -> QuantizeResult:
+        result = export(job, prepared, output, float_output is not None)
+        files = []
+        if output is not None:
+            report = result.report.to_json().encode()
+            files += [(output, result.onnx), (Path(output).with_suffix(Path(output).suffix + ".json"), report)]
+        if float_output is not None:
+            files.append((float_output, result.float_onnx))
+        with job.progress.stage("write"):
+            write_all(files)
+        return result
+
+    return main_only(job, export_and_write)
+
+
+def main_only(job: Job, work):
+    """work() on the first process alone (export, verification and writing happen once), its result on all."""
+    return job.workers.broadcast(job.workers.run(lambda: work() if job.workers.is_main else None))
 
 
 def pareto(model, output: str | Path | None = None, *, input_shape=None, options: QuantizeOptions | None = None,
@@ -337,8 +363,11 @@ def pareto(model, output: str | Path | None = None, *, input_shape=None, options
                        len(calib.images), len(held_out.images), timings)
     result = ParetoResult(data, found)
     if output is not None:
-        with job.progress.stage("write"):
-            result.save(output)
+        def save() -> None:
+            with job.progress.stage("write"):
+                result.save(output)
+
+        main_only(job, save)
     return result
 
 
@@ -366,7 +395,7 @@ def distill_calibration(model, output: str | Path | None = None, *, input_shape=
     if preview is not None:
         prep = job.loaded.preprocessing
         files.append((preview, grid_png(calib.images, prep and prep.mean, prep and prep.std)))
-    write_all(files)
+    main_only(job, lambda: write_all(files))
     return calib, job, cached
 
 

@@ -33,6 +33,7 @@ class QuantizeReport:
     census: dict
     distillation: dict
     reconstruction: list[dict] = field(default_factory=list)  # per block: layers, MSE before and after
+    rounding: list[dict] = field(default_factory=list)  # per layer: output error of nearest and GPTQ rounding
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self, with_timings: bool = True) -> dict:

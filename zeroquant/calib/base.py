@@ -80,11 +80,33 @@ class CalibSet:
                                  "give a calib.pt written by `zeroquant distill`") from exc
 
 
+@dataclass
+class Batch:
+    """One distilled batch: its images, their final loss (BN terms plus the input prior) and each BN layer's."""
+
+    images: torch.Tensor
+    loss: float = float("nan")
+    layers: dict[str, float] = field(default_factory=dict)
+
+
+def calib_set(method: str, settings: DistillSettings, batches: dict[int, Batch]) -> CalibSet:
+    """The batches, in index order, as one set: the mean loss over batches, and per BN layer."""
+    ordered = [batches[i] for i in sorted(batches)]
+    mismatch: dict[str, float] = {}
+    for batch in ordered:
+        for layer, value in batch.layers.items():
+            mismatch[layer] = mismatch.get(layer, 0.0) + value / len(ordered)
+    return CalibSet(torch.cat([b.images for b in ordered]), method, settings.key(),
+                    sum(b.loss for b in ordered) / len(ordered), mismatch)
+
+
 class Distiller(Protocol):
     name: str
 
     def distill(self, graph_module: torch.fx.GraphModule, input_shape: tuple[int, int, int],
-                settings: DistillSettings, device: torch.device, progress: Progress) -> CalibSet: ...
+                settings: DistillSettings, device: torch.device, progress: Progress,
+                indices: list[int]) -> dict[int, Batch]:
+        """The batches of the given indices (of settings.batch_sizes()), each a function of the seed and index."""
 
 
 class BatchNormTap(nn.Module):
@@ -248,20 +270,14 @@ def input_prior_loss(images: torch.Tensor) -> torch.Tensor:
 BatchFn = Callable[[int, torch.Generator, Callable], torch.Tensor]
 
 
-def distill_batches(method: str, label: str, matcher: BatchNormMatcher, settings: DistillSettings,
-                    distill_batch: BatchFn, progress: Progress, indices: list[int] | None = None) -> CalibSet:
-    """Run `distill_batch(size, generator, advance)` for each batch (or the given indices), each with its own seeded
-    generator, and put the images together with their final loss (BN terms plus the input prior, the mean over
-    batches) and each BN layer's share."""
-    sizes = settings.batch_sizes()
-    indices = list(range(len(sizes))) if indices is None else indices
-    batches, finals, mismatch = [], [], {}
+def distill_batches(label: str, matcher: BatchNormMatcher, settings: DistillSettings, distill_batch: BatchFn,
+                    progress: Progress, indices: list[int]) -> dict[int, Batch]:
+    """Run `distill_batch(size, generator, advance)` for each batch index, each with its own seeded generator, and
+    measure the final loss of its images."""
+    sizes, batches = settings.batch_sizes(), {}
     with progress.stage(f"{label} distillation", total=len(indices) * settings.iterations) as advance:
         for index in indices:
             images = distill_batch(sizes[index], batch_generator(settings.seed, index), advance).detach()
             loss, layers = matcher.measure(images)
-            batches.append(images.cpu())
-            finals.append(loss + float(input_prior_loss(images)))
-            for layer, value in layers.items():
-                mismatch[layer] = mismatch.get(layer, 0.0) + value / len(indices)
-    return CalibSet(torch.cat(batches), method, settings.key(), sum(finals) / len(finals), mismatch)
+            batches[index] = Batch(images.cpu(), loss + float(input_prior_loss(images)), layers)
+    return batches

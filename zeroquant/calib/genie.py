@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.calib.base import BatchNormMatcher, CalibSet, DistillSettings, distill_batches, input_prior_loss
+from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches, input_prior_loss
 
 aten = torch.ops.aten
 _CONVS = (aten.conv2d.default, aten.convolution.default)
@@ -123,7 +123,8 @@ class GenieDistiller:
         self.latent_lr, self.generator_lr = latent_lr, generator_lr
         self.max_shift, self.swing = max_shift, swing
 
-    def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress) -> CalibSet:
+    def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
+                indices: list[int]) -> dict[int, Batch]:
         device = torch.device(device)
         matcher = BatchNormMatcher(graph_module, input_shape, device)
         swings = []
@@ -159,4 +160,4 @@ class GenieDistiller:
             with torch.no_grad():
                 return generator(latents)
 
-        return distill_batches(self.name, "Genie", matcher, settings, distill_batch, progress)
+        return distill_batches("Genie", matcher, settings, distill_batch, progress, indices)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from zeroquant.calib.base import CalibSet, DistillSettings, batch_generator
+from zeroquant.calib.base import Batch, DistillSettings, batch_generator
 
 
 class NoiseDistiller:
     name = "noise"
 
-    def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress) -> CalibSet:
-        images = [torch.randn(size, *input_shape, generator=batch_generator(settings.seed, index))
-                  for index, size in enumerate(settings.batch_sizes())]
-        return CalibSet(torch.cat(images), self.name, settings.key())
+    def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
+                indices: list[int]) -> dict[int, Batch]:
+        sizes = settings.batch_sizes()
+        return {i: Batch(torch.randn(sizes[i], *input_shape, generator=batch_generator(settings.seed, i)))
+                for i in indices}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from zeroquant.calib.base import BatchNormMatcher, CalibSet, DistillSettings, distill_batches, input_prior_loss
+from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches, input_prior_loss
 
 
 class ZeroQDistiller:
     name = "zeroq"
 
-    def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress) -> CalibSet:
+    def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
+                indices: list[int]) -> dict[int, Batch]:
         matcher = BatchNormMatcher(graph_module, input_shape, device)
 
         def distill_batch(size: int, generator: torch.Generator, advance) -> torch.Tensor:
@@ -28,4 +29,4 @@ class ZeroQDistiller:
                 advance()
             return images
 
-        return distill_batches(self.name, "ZeroQ", matcher, settings, distill_batch, progress)
+        return distill_batches("ZeroQ", matcher, settings, distill_batch, progress, indices)

@@ -48,6 +48,32 @@ app = typer.Typer(
     add_completion=False,
 )
 _debug = False
+_argv: list[str] = []  # this invocation's arguments, for --workers to start the same command in more processes
+
+
+def run_in_workers(workers: int, device: str) -> None:
+    """--workers N: the same command in N local processes over gloo (this process waits and exits with their
+    code). Does nothing in a process that already belongs to a job (torchrun's, or one --workers started)."""
+    import os
+
+    from zeroquant.cli.workers import launch_local
+
+    if workers < 1:
+        raise UsageError("--workers must be positive")
+    if workers == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    if device == "cuda":
+        raise UsageError("--workers starts local processes on the CPU", "on GPUs use torchrun --nproc-per-node N "
+                                                                        "-m zeroquant ...")
+    argv, skip = [], False
+    for arg in _argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            argv.append(arg)
+    raise typer.Exit(launch_local(argv, workers))
 
 
 @app.callback()
@@ -64,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     # each module adds its commands to `app`
     from zeroquant.cli import bench, evaluate, inspect, pareto, quantize, zoo  # noqa: F401
 
-    global _debug
+    global _debug, _argv
     _debug = False
+    _argv = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="zeroquant")
     except SystemExit as exc:
@@ -80,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(exc: Exception, message: str, code: int) -> int:
     from zeroquant.cli.output import close_stage_line
+    from zeroquant.distributed import is_main_process
 
+    if getattr(exc, "shared", False) and not is_main_process():
+        return code  # every process of the job has this error; process 0 says it once
     close_stage_line()
     if _debug:
         traceback.print_exception(exc, file=sys.stderr)

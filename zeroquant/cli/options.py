@@ -33,12 +33,16 @@ KEEP_DEPTHWISE = typer.Option(8, "--keep-depthwise", help="Least weight bits of 
                                                           "their bits).")
 RECONSTRUCT = typer.Option("auto", "--reconstruct", help="Block reconstruction (learned rounding and step sizes): "
                                                          "auto (below 8 bits), on or off.")
+ROUNDING = typer.Option("nearest", "--rounding", help="Weight rounding: nearest, or gptq (second-order: each "
+                                                        "weight's error compensated by the others, per layer).")
 EFFORT = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough.")
 FULL_RANGE = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only).")
 NO_CACHE = typer.Option(False, "--no-cache", help="Distil (and measure sensitivity) again even if cached.")
 TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code).")
 WBITS_CHOICES = typer.Option("2,3,4,5,6,8", "--wbits-choices", help="Candidate weight bits per layer (--budget).")
 OBJECTIVE = typer.Option("size", "--objective", help="Cost axis of the frontier: size (packed weight bits) or bops.")
+WORKERS = typer.Option(1, "--workers", help="Local processes to share the work (gloo on CPU); the same file as 1. "
+                                            "Several GPUs or machines: torchrun ... -m zeroquant instead.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 
 

@@ -9,7 +9,7 @@ from rich import box
 from rich.table import Table
 
 from zeroquant.cli import options as flags
-from zeroquant.cli.app import app
+from zeroquant.cli.app import app, run_in_workers
 from zeroquant.cli.output import parse_shape, print_json, progress_display, stdout
 
 
@@ -37,18 +37,23 @@ def pareto(
     full_range: bool = flags.FULL_RANGE,
     no_cache: bool = flags.NO_CACHE,
     trust_pickle: bool = flags.TRUST_PICKLE,
+    workers: int = flags.WORKERS,
     json_out: bool = typer.Option(False, "--json", help="Print pareto.json on stdout instead of a table."),
 ) -> None:
     """Measure each layer's sensitivity to every weight bit-width on distilled images, solve the exact frontier,
     check a few of its points end to end on held-out distilled images, and write pareto.png and pareto.json."""
+    from zeroquant.distributed import is_main_process
     from zeroquant.pipeline import pareto as run
 
-    with progress_display(quiet=json_out) as progress:
+    run_in_workers(workers, device)
+    with progress_display(quiet=json_out or not is_main_process()) as progress:
         result = run(model, output, input_shape=parse_shape(input_shape), arch=arch, weights=weights,
                      trust_pickle=trust_pickle, progress=progress, wbits_choices=flags.parse_choices(wbits_choices),
                      abits=abits, objective=objective, budget=budget, method=method, ranges=ranges, images=images,
                      iterations=iterations, batch_size=batch_size, seed=seed, device=device,
                      keep_first_last=keep_first_last, full_range=full_range, cache=not no_cache)
+    if not is_main_process():
+        return
     if json_out:
         print_json(result.data)
         return

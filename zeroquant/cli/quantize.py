@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from zeroquant.cli import options as flags
-from zeroquant.cli.app import app
+from zeroquant.cli.app import app, run_in_workers
 from zeroquant.cli.output import key_value_table, parse_shape, print_json, progress_display, stdout
 
 
@@ -43,6 +43,7 @@ def quantize(
                                                                  "distill`) instead of distilling."),
     keep_first_last: int = flags.KEEP_FIRST_LAST,
     keep_depthwise: int = flags.KEEP_DEPTHWISE,
+    rounding: str = flags.ROUNDING,
     reconstruct: str = flags.RECONSTRUCT,
     effort: str = flags.EFFORT,
     bias_correction: str = typer.Option("auto", "--bias-correction", help="Correct the output shift of weight "
@@ -55,22 +56,28 @@ def quantize(
     no_cache: bool = flags.NO_CACHE,
     trust_pickle: bool = flags.TRUST_PICKLE,
     float_output: Path = typer.Option(None, "--float-output", help="Also write the float32 ONNX model here."),
+    workers: int = flags.WORKERS,
     json_out: bool = flags.JSON,
 ) -> None:
     """Quantize a trained CNN with no real data and write a verified integer ONNX model plus a JSON report."""
+    from zeroquant.distributed import is_main_process
     from zeroquant.pipeline import quantize as run
 
+    run_in_workers(workers, device)
     output = output or default_output(model, budget, wbits, abits)
-    with progress_display(quiet=json_out) as progress:
+    with progress_display(quiet=json_out or not is_main_process()) as progress:
         result = run(model, output, input_shape=parse_shape(input_shape), calibration=calibration,
                      float_output=float_output, arch=arch, weights=weights, trust_pickle=trust_pickle,
                      progress=progress, wbits=wbits, abits=abits, budget=budget,
                      wbits_choices=flags.parse_choices(wbits_choices), objective=objective, method=method,
                      ranges=ranges, images=images, iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
                      device=device, keep_first_last=keep_first_last, keep_depthwise=keep_depthwise,
-                     reconstruct=reconstruct, effort=effort, bias_correction=bias_correction, equalize=equalize,
+                     rounding=rounding, reconstruct=reconstruct, effort=effort, bias_correction=bias_correction,
+                     equalize=equalize,
                      pack_int4=pack_int4, full_range=full_range, cache=not no_cache)
     report = result.report
+    if not is_main_process():
+        return
     if json_out:
         print_json(report.to_dict())
         return
@@ -113,19 +120,24 @@ def distill(
     no_cache: bool = flags.NO_CACHE,
     trust_pickle: bool = flags.TRUST_PICKLE,
     preview: Path = typer.Option(None, "--preview", help="Also save a PNG grid of the images here."),
+    workers: int = flags.WORKERS,
     json_out: bool = flags.JSON,
 ) -> None:
     """Distil only the synthetic calibration set (cached, so a later quantize reuses it; `quantize --calibration`
     reads the calib.pt)."""
+    from zeroquant.distributed import is_main_process
     from zeroquant.pipeline import distill_calibration
 
+    run_in_workers(workers, device)
     if output.is_dir():
         output = output / "calib.pt"
-    with progress_display(quiet=json_out) as progress:
+    with progress_display(quiet=json_out or not is_main_process()) as progress:
         calib, job, cached = distill_calibration(
             model, output, input_shape=parse_shape(input_shape), arch=arch, weights=weights,
             trust_pickle=trust_pickle, progress=progress, method=method, images=images, iterations=iterations,
             batch_size=batch_size, lr=lr, seed=seed, device=device, cache=not no_cache, preview=preview)
+    if not is_main_process():
+        return
     summary = {"output": str(output), "images": len(calib.images), "method": calib.method,
                "final_bn_loss": calib.final_loss, "from_cache": cached}
     if preview:

@@ -1,14 +1,14 @@
-"""--pack-int4: store weights of 4 bits or fewer as opset-21 INT4 initializers (two values a byte).
-
-The file shrinks, but onnxruntime has no int4 convolution kernel: a DequantizeLinear from INT4 feeds a float Conv,
-so those layers run in float. The census in the report shows which.
+"""--pack-int4: store weights of 4 bits or fewer as opset-21 INT4 initializers (two values a byte), widened back to
+int8 by a Cast in the graph. onnxruntime folds that Cast into an int8 constant when it loads the model, before it
+fuses DequantizeLinear -> Conv -> QuantizeLinear, so those layers still run in QLinearConv / QGemm: the file shrinks,
+the kernels and the results stay the same (measured: a 32x32x3x3 conv file 9.7 -> 5.2 kB, QLinearConv either way).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from zeroquant.export.onnx_export import drop_unused_initializers
 
@@ -22,24 +22,21 @@ def _int4_tensor(name: str, values: np.ndarray) -> TensorProto:
     return helper.make_tensor(name, TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
 
 
-def pack_int4(model: onnx.ModelProto, weight_names: set[str]) -> None:
-    """Rewrite the named int8 weight initializers (values within [-7, 7]) and their zero points as INT4."""
+def pack_int4(model: onnx.ModelProto, weight_names: set[str]) -> int:
+    """Store the named int8 weight initializers (values within [-7, 7]) as INT4, each read through a Cast to int8;
+    returns how many were packed."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in weight_names:
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[0]])
-        if np.abs(weight).max(initial=0) > 7:
-            raise ValueError(f"{node.input[0]} has values beyond the int4 range")
-        initializers[node.input[0]].CopyFrom(_int4_tensor(node.input[0], weight))
-        zero_name = f"{node.input[0]}_zero_point_int4"
-        scale = numpy_helper.to_array(initializers[node.input[1]])
-        graph.initializer.append(_int4_tensor(zero_name, np.zeros(scale.shape, dtype=np.int8)))
-        if len(node.input) > 2:
-            node.input[2] = zero_name
-        else:
-            node.input.append(zero_name)
-    for info in [v for v in graph.value_info if v.name in weight_names]:
-        graph.value_info.remove(info)  # the exporter typed them int8
+    casts = []
+    for name in sorted(weight_names & set(initializers)):
+        weight = onnx.numpy_helper.to_array(initializers[name])
+        if weight.dtype != np.int8 or np.abs(weight.astype(np.int16)).max(initial=0) > 7:
+            raise ValueError(f"{name} is not an int8 tensor within the int4 range")
+        graph.initializer.remove(initializers[name])
+        graph.initializer.append(_int4_tensor(f"{name}_int4", weight))
+        casts.append(helper.make_node("Cast", [f"{name}_int4"], [name], name=f"{name}_widen", to=TensorProto.INT8))
+    nodes = casts + list(graph.node)  # constants first: the graph stays topologically sorted
+    del graph.node[:]
+    graph.node.extend(nodes)
     drop_unused_initializers(graph)
+    return len(casts)

@@ -107,13 +107,18 @@ class QuantizedLayer(nn.Module):
         self.enabled = False
         self.rounding: nn.Parameter | None = None  # AdaRound logits while a reconstruction learns the rounding
         self.learned_scale: nn.Parameter | None = None
+        # the weights whose nearest rounding is the chosen one once GPTQ or AdaRound have decided it; the float
+        # weights stay as they are, since the float path is the reference bias correction and reconstruction use
+        self.register_buffer("round_from", None)
 
     def channel_absmax(self) -> torch.Tensor:
         return self.weight.detach().abs().flatten(1).amax(1)
 
     def set_bits(self, bits: int) -> None:
-        """Change the weight bit-width; scales go back to min-max on the new grid."""
+        """Change the weight bit-width; scales go back to min-max on the new grid (and a rounding decided for the
+        old grid is dropped)."""
         self.bits = bits
+        self.round_from = None
         self.set_weight_scale(symmetric_scales(self.channel_absmax(), self.qmax))
 
     def set_weight_scale(self, scale: torch.Tensor) -> None:
@@ -145,16 +150,20 @@ class QuantizedLayer(nn.Module):
         full = 2 ** (self.bits - 1) - 1
         return min(full, 63) if self.reduce_range else full
 
+    def rounded_weights(self) -> torch.Tensor:
+        """What is rounded to the grid: the float weights, or where a rounding method has decided, its choice."""
+        return (self.weight if self.round_from is None else self.round_from).detach()
+
     def integer_weight(self) -> torch.Tensor:
         shape = (-1,) + (1,) * (self.weight.dim() - 1)
-        return (self.weight.detach() / self.weight_scale.reshape(shape)).round().clamp(-self.qmax, self.qmax)
+        return (self.rounded_weights() / self.weight_scale.reshape(shape)).round().clamp(-self.qmax, self.qmax)
 
     def _scale_shape(self) -> tuple:
         return (-1,) + (1,) * (self.weight.dim() - 1)
 
     def start_rounding(self) -> list[nn.Parameter]:
         """AdaRound: learn whether each weight rounds up or down, and the per-channel step size (LSQ)."""
-        scaled = self.weight.detach() / self.weight_scale.reshape(self._scale_shape())
+        scaled = self.rounded_weights() / self.weight_scale.reshape(self._scale_shape())
         self.register_buffer("floor_weight", scaled.floor(), persistent=False)
         rest = (scaled - scaled.floor()).clamp(0.01, 0.99)
         self.rounding = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -173,7 +182,7 @@ class QuantizedLayer(nn.Module):
         """Harden the rounding: the weights become exact grid values of the learned step size."""
         scale = self.learned_scale.detach().abs().clamp_min(1e-10)
         integer = torch.clamp(self.floor_weight + (self.rounding.detach() >= 0).float(), -self.qmax, self.qmax)
-        self.weight.data = integer * scale.reshape(self._scale_shape())
+        self.round_from = integer * scale.reshape(self._scale_shape())
         self.rounding = self.learned_scale = None
         del self.floor_weight
         self.set_weight_scale(scale)
@@ -183,7 +192,8 @@ class QuantizedLayer(nn.Module):
             weight, bias = self.soft_weight(), self.corrected_bias
         elif self.enabled:
             zero = torch.zeros_like(self.weight_scale, dtype=torch.int32)
-            weight = torch.fake_quantize_per_channel_affine(self.weight, self.weight_scale, zero, 0, -self.qmax, self.qmax)
+            weight = torch.fake_quantize_per_channel_affine(self.rounded_weights(), self.weight_scale, zero, 0,
+                                                            -self.qmax, self.qmax)
             bias = self.quantized_bias
         else:
             weight, bias = self.weight, self.bias

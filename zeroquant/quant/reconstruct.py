@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zeroquant.distributed import Workers
 from zeroquant.graph.ops import relu_upper_bound
 from zeroquant.progress import SILENT, Progress
 from zeroquant.quant.quantizers import ActivationQuantizer, QuantizedLayer
@@ -107,7 +108,8 @@ def _set_block_quantization(sim: QuantSim, block: Block, enabled: bool) -> None:
 
 
 def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", seed: int = 0,
-                progress: Progress = SILENT, skip_layers: set[str] = frozenset()) -> list[dict]:
+                progress: Progress = SILENT, skip_layers: set[str] = frozenset(),
+                workers: Workers = Workers()) -> list[dict]:
     """Reconstruct every block in order; returns per-block losses before and after (for the report)."""
     settings = EFFORTS[effort]
     generator = torch.Generator().manual_seed(seed)
@@ -117,7 +119,8 @@ def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", se
     summary = []
     with progress.stage("block reconstruction", total=len(blocks) * settings.iterations) as advance:
         for block in blocks:
-            row, fp_in, q_in = _reconstruct_block(sim, block, fp_in, q_in, settings, generator, skip_layers, advance)
+            row, fp_in, q_in = _reconstruct_block(sim, block, fp_in, q_in, settings, generator, skip_layers, advance,
+                                                  workers)
             summary.append(row)
     _cap_to_clamps(sim)
     for name, layer in sim.layers.items():  # step sizes moved: biases follow their inputs' new scales
@@ -127,7 +130,7 @@ def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", se
     return summary
 
 
-def _reconstruct_block(sim, block, fp_in, q_in, settings, generator, skip_layers, advance):
+def _reconstruct_block(sim, block, fp_in, q_in, settings, generator, skip_layers, advance, workers):
     """Train one block; returns its report row and the block's float and quantized outputs (the next inputs)."""
     _set_block_quantization(sim, block, False)
     fp_out = _run(block.graph_module, fp_in, settings.batch_size)
@@ -135,7 +138,7 @@ def _reconstruct_block(sim, block, fp_in, q_in, settings, generator, skip_layers
     q_out = _run(block.graph_module, q_in, settings.batch_size)
     before = float(torch.mean((q_out - fp_out) ** 2))
     saved = _snapshot(sim, block)
-    _train_block(sim, block, fp_in, q_in, fp_out, settings, generator, skip_layers, advance)
+    _train_block(sim, block, fp_in, q_in, fp_out, settings, generator, skip_layers, advance, workers)
     trained = _run(block.graph_module, q_in, settings.batch_size)
     after = float(torch.mean((trained - fp_out) ** 2))
     if after <= before:
@@ -158,20 +161,22 @@ def _cap_to_clamps(sim: QuantSim) -> None:
 
 
 def _snapshot(sim: QuantSim, block: Block) -> dict:
-    return {"layers": {n: (sim.layers[n].weight.detach().clone(), sim.layers[n].weight_scale.clone())
-                       for n in block.layers},
+    return {"layers": {n: (sim.layers[n].round_from, sim.layers[n].weight_scale.clone()) for n in block.layers},
             "quantizers": {n: sim.activations[n].scale for n in block.quantizers}}
 
 
 def _restore(sim: QuantSim, block: Block, saved: dict) -> None:
-    for name, (weight, scale) in saved["layers"].items():
-        sim.layers[name].weight.data = weight
+    for name, (round_from, scale) in saved["layers"].items():
+        sim.layers[name].round_from = round_from
         sim.layers[name].set_weight_scale(scale)
     for name, scale in saved["quantizers"].items():
         sim.activations[name].scale = scale
 
 
-def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, skip_layers, advance):
+def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, skip_layers, advance,
+                 workers: Workers):
+    """Learn the block's rounding and step sizes. With several processes every one draws the same minibatch and
+    works on its share of the images; their gradients are summed, so all take the same step."""
     layers: list[QuantizedLayer] = [sim.layers[n] for n in block.layers if n not in skip_layers]
     quantizers: list[ActivationQuantizer] = [sim.activations[n] for n in block.quantizers]
     rounding, weight_scales = [], []
@@ -184,6 +189,9 @@ def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, s
     if weight_scales or act_scales:
         groups.append({"params": weight_scales + act_scales, "lr": SCALE_LR})
     optimizer = torch.optim.Adam(groups) if rounding or act_scales else None
+    for group in groups:  # gradients exist from the start, even where a process's share of a step is empty
+        for parameter in group["params"]:
+            parameter.grad = torch.zeros_like(parameter)
     count = len(fp_in)
     try:
         for step in range(settings.iterations):
@@ -191,16 +199,18 @@ def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, s
                 break
             index = torch.randint(0, count, (min(settings.batch_size, count),), generator=generator)
             mix = torch.rand(q_in[index].shape, generator=generator) < DROP_PROB
-            inputs = torch.where(mix, fp_in[index], q_in[index])  # QDrop on the block input too
+            mine = torch.tensor(workers.share(len(index)), dtype=torch.long)
+            inputs = torch.where(mix, fp_in[index], q_in[index])[mine]  # QDrop on the block input too
             output = block.graph_module(inputs)
-            loss = torch.mean((output - fp_out[index]) ** 2) * output[0].numel()
+            loss = ((output - fp_out[index][mine]) ** 2).sum() / len(index)  # per image, summed over its values
             progress_fraction = step / settings.iterations
-            if progress_fraction >= WARMUP and layers:
+            if progress_fraction >= WARMUP and layers and workers.is_main:  # counted once over the processes
                 beta = 20 + (2 - 20) * (progress_fraction - WARMUP) / (1 - WARMUP)  # anneal 20 -> 2
                 loss = loss + ROUNDING_WEIGHT * sum(
                     (1 - (2 * layer.rounding_up() - 1).abs().pow(beta)).sum() for layer in layers)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)
             loss.backward()
+            workers.all_sum([p.grad for group in groups for p in group["params"]])
             optimizer.step()
             advance()
     finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zeroquant.distributed import Workers
 from zeroquant.progress import SILENT, Progress
 from zeroquant.quant.calibrate import calibrate
 from zeroquant.quant.plan import first_and_last, keep_first_last
@@ -34,7 +35,7 @@ class Search:
 
 def search(folded: torch.fx.GraphModule, images: torch.Tensor, input_shape, choices, objective: str = "size",
            abits: int = 8, keep_first_last_bits: int = 8, reduce_range: bool = True, model_digest: str = "",
-           use_cache: bool = True, progress: Progress = SILENT) -> Search:
+           use_cache: bool = True, progress: Progress = SILENT, workers: Workers = Workers()) -> Search:
     """Measure every layer's sensitivity (cached) on the BN-folded graph and solve the frontier.
 
     The layers that quantize() pins (keep_first_last_bits) get no fewer bits here either, so the frontier holds the
@@ -45,7 +46,7 @@ def search(folded: torch.fx.GraphModule, images: torch.Tensor, input_shape, choi
     floor = np.array([keep_first_last_bits if name in pinned else 0 for name in names])
     measured = sorted(set(choices) | set(floor[floor > 0].tolist()))
     clock = time.perf_counter()
-    kl, cached = cached_sensitivity(sim, images, measured, model_digest, reduce_range, use_cache, progress)
+    kl, cached = cached_sensitivity(sim, images, measured, model_digest, reduce_range, use_cache, progress, workers)
     sensitivity_s = time.perf_counter() - clock
     macs = sim.layer_macs(input_shape)
     sensitivity = kl[np.arange(len(names))[:, None], np.searchsorted(measured, Problem.candidate_bits(choices, floor))]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Interpreter
 
+from zeroquant.distributed import Workers
 from zeroquant.errors import OutputError
 from zeroquant.files import cache_root, write_atomic
 from zeroquant.progress import SILENT, Progress
@@ -33,19 +34,19 @@ def cache_key(model_digest: str, images: torch.Tensor, choices, reduce_range: bo
 
 
 def cached_sensitivity(sim: QuantSim, images: torch.Tensor, choices, model_digest: str, reduce_range: bool,
-                       use_cache: bool = True, progress: Progress = SILENT) -> tuple[np.ndarray, bool]:
-    """layer_sensitivity from the cache (`<cache>/sensitivity/KEY.json`) when it was computed before."""
+                       use_cache: bool = True, progress: Progress = SILENT,
+                       workers: Workers = Workers()) -> tuple[np.ndarray, bool]:
+    """layer_sensitivity from the cache (`<cache>/sensitivity/KEY.json`) when it was computed before; with several
+    processes each measures its share of the layers and all get the whole table."""
     key = cache_key(model_digest, images, choices, reduce_range)
     path = cache_root() / "sensitivity" / f"{key}.json"
-    if use_cache and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if data["layers"] == list(sim.layers):
-                return np.array(data["kl"], dtype=float), True
-        except (ValueError, KeyError):  # a damaged entry is only a cache miss
-            pass
-    table = layer_sensitivity(sim, images, choices, progress)
-    if use_cache:
+    cached = _load(path, list(sim.layers)) if use_cache else None
+    if workers.agree(cached is not None):
+        return cached, True
+    rows = workers.share(len(sim.layers))
+    measured = workers.gather(workers.run(lambda: layer_sensitivity(sim, images, choices, progress, rows)))
+    table = np.stack([measured[row] for row in range(len(sim.layers))])
+    if use_cache and workers.is_main:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps({"layers": list(sim.layers), "choices": list(choices),
@@ -55,29 +56,41 @@ def cached_sensitivity(sim: QuantSim, images: torch.Tensor, choices, model_diges
     return table, False
 
 
-def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Progress = SILENT) -> np.ndarray:
-    """KL[layer, choice], averaged over the images; leaves every quantizer of `sim` disabled."""
+def _load(path, layers: list[str]) -> np.ndarray | None:
+    try:
+        data = json.loads(path.read_text())
+        return np.array(data["kl"], dtype=float) if data["layers"] == layers else None
+    except (OSError, ValueError, KeyError):  # absent, or a damaged entry: only a cache miss
+        return None
+
+
+def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Progress = SILENT,
+                      rows: list[int] | None = None) -> dict[int, np.ndarray]:
+    """{layer row: KL per choice}, averaged over the images, for the given rows (all by default); leaves every
+    quantizer of `sim` disabled."""
     sim.set_enabled(weights=False, activations=False)
     graph, k = sim.graph_module.graph, len(choices)
     batched = set().union(*(_downstream(graph, node) for node in graph.nodes if node.op == "placeholder"))
     nodes = {node.target: node for node in graph.nodes if node.op == "call_module" and node.target in sim.layers}
-    table = np.zeros((len(sim.layers), k))
+    names = list(sim.layers)
+    rows = list(range(len(names))) if rows is None else rows
+    table = {row: np.zeros(k) for row in rows}
     keep = Interpreter(sim.graph_module, garbage_collect_values=False)
     with torch.no_grad():
         keep.run(images[:1])
         chunk = max(1, MEMORY_BUDGET // ((k + 1) * _bytes(keep.env)))
-        with progress.stage("layer sensitivity", total=-(-len(images) // chunk) * table.size) as advance:
+        with progress.stage("layer sensitivity", total=-(-len(images) // chunk) * len(rows) * k) as advance:
             for start in range(0, len(images), chunk):
                 batch = images[start : start + chunk]
                 reference = [F.log_softmax(out.double(), 1) for out in as_outputs(keep.run(batch))]
-                for row, name in enumerate(sim.layers):
-                    suffix = _Suffix(sim, nodes[name], choices, len(batch))
+                for row in rows:
+                    suffix = _Suffix(sim, nodes[names[row]], choices, len(batch))
                     env = suffix.stacked_env(keep.env, batched)
                     for log_p, out in zip(reference, as_outputs(suffix.run(batch, initial_env=env))):
                         log_q = F.log_softmax(out.double(), 1).unflatten(0, (k, len(batch)))
                         table[row] += image_kl(log_q, log_p.expand_as(log_q), class_dim=2).sum(1).numpy()
                     advance(k)
-    return table / len(images)
+    return {row: values / len(images) for row, values in table.items()}
 
 
 class _Suffix(Interpreter):

@@ -1,0 +1,171 @@
+"""Coverage: one model of every torchvision family with BatchNorm, plus two segmentation models, through zeroquant
+(random weights, BN statistics populated by training-mode passes over noise: this checks the graph path and the
+speed, not accuracy). For each: does it quantize, the share of conv/linear MACs in integer kernels, the float ops left
+in onnxruntime's optimised graph, batch-1 latency against the FP32 export and onnxruntime's own quantize_static of it
+(QDQ, per-channel, calibrated on noise), all timed interleaved in one run, quantize time and ONNX-vs-simulation
+parity. Writes the coverage section of benchmarks/RESULTS.md and coverage.json.
+
+    python benchmarks/coverage.py [--models resnet18,...] [--threads 2] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import zeroquant
+from zeroquant.cli.output import progress_display
+from zeroquant.evaluate.latency import kind_rows, measure, time_by_kind
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ort_baselines import ort_static  # noqa: E402  (sibling scripts, not a package)
+from results_file import bench_log, provenance, provenance_lines, write_section  # noqa: E402
+
+CLASSIFIERS = {  # family: (torchvision name, input size)
+    "resnet": ("resnet18", 224), "resnext": ("resnext50_32x4d", 224), "wide_resnet": ("wide_resnet50_2", 224),
+    "mobilenet_v2": ("mobilenet_v2", 224), "mobilenet_v3": ("mobilenet_v3_small", 224),
+    "mobilenet_v3 (large)": ("mobilenet_v3_large", 224), "efficientnet": ("efficientnet_b0", 224),
+    "efficientnet_v2": ("efficientnet_v2_s", 224), "regnet": ("regnet_y_400mf", 224), "mnasnet": ("mnasnet0_5", 224),
+    "shufflenet": ("shufflenet_v2_x0_5", 224), "densenet": ("densenet121", 224), "googlenet": ("googlenet", 224),
+    "inception_v3": ("inception_v3", 299),
+}
+SEGMENTATION = {"lraspp": ("lraspp_mobilenet_v3_large", 224), "deeplabv3": ("deeplabv3_mobilenet_v3_large", 224)}
+PROFILED = ("mobilenet_v3_small", "efficientnet_b0")  # kernel time per layer kind, FP32 vs ORT vs zeroquant
+# random weights: distillation only has to exercise the path, so it is short (the defaults are in the README)
+DISTILL = dict(images=16, batch_size=16, iterations=10)
+
+
+def build(name: str, size: int) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    if name in {n for n, _ in SEGMENTATION.values()}:
+        extra = {"aux_loss": False} if name.startswith("deeplab") else {}
+        model = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=21,
+                                                               **extra)
+    else:
+        extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        model = getattr(torchvision.models, name)(weights=None, **extra)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, size, size))
+    return model.eval()
+
+
+def run_model(family: str, name: str, size: int, args, progress, log) -> dict:
+    folder = args.workdir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"FP32": folder / "fp32.onnx", "ORT quantize_static": folder / "ort.onnx", "zeroquant": folder / "zq.onnx"}
+    row = {"family": family, "model": name, "input": size}
+    log(f"{name}: quantizing")
+    clock = time.perf_counter()
+    try:
+        result = zeroquant.quantize(build(name, size), paths["zeroquant"], input_shape=(3, size, size),
+                                    float_output=paths["FP32"], progress=progress, cache=False, **DISTILL)
+    except zeroquant.ZeroQuantError as exc:
+        return row | {"ok": False, "error": str(exc)}
+    report = result.report
+    row |= {"ok": True, "quantize_s": round(time.perf_counter() - clock, 1),
+            "integer_mac_fraction": report.census["integer_mac_fraction"], "float_ops": report.census["float_ops"],
+            "output_float_ops": report.census["output_float_ops"], "parity": report.parity,
+            "outputs": report.outputs}
+    log(f"{name}: onnxruntime quantize_static")
+    noise = np.random.default_rng(0).standard_normal((16, 3, size, size), dtype=np.float32)
+    row["ort_quantize_s"] = round(ort_static(paths["FP32"], paths["ORT quantize_static"], noise), 1)
+    log(f"{name}: latency, interleaved")
+    order = list(paths)
+    latency = dict(zip(order, measure([paths[v] for v in order], 1, args.threads, seconds=args.seconds)))
+    row["latency_ms"] = {v: round(latency[v].median_ms, 3) for v in order}
+    row["latency_vs_fp32"] = latency["zeroquant"].median_ms / latency["FP32"].median_ms
+    row["latency_vs_ort"] = latency["zeroquant"].median_ms / latency["ORT quantize_static"].median_ms
+    row["ort_vs_fp32"] = latency["ORT quantize_static"].median_ms / latency["FP32"].median_ms
+    if name in PROFILED:
+        log(f"{name}: kernel profile")
+        row["time_by_kind"] = {v: [k.to_dict() for k in time_by_kind(paths[v], 1, args.threads, 100)] for v in order}
+    return row
+
+
+def _ops(ops: dict) -> str:
+    return ", ".join(f"{op} {n}" for op, n in ops.items()) or "none"
+
+
+def markdown(results: dict) -> str:
+    run = results["run"]
+    lines = ["## Coverage: every torchvision family with BatchNorm, and two segmentation models", "",
+             *provenance_lines(run), "",
+             f"Random weights with BN statistics from 3 training-mode passes over noise (graph path and speed, not "
+             f"accuracy); zeroquant W8A8 defaults except a short distillation ({DISTILL['images']} images, "
+             f"{DISTILL['iterations']} steps). Latency: median of batch-1 runs with {run['threads']} onnxruntime "
+             "threads, FP32, onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, MinMax "
+             "on 16 noise images) and zeroquant timed interleaved run by run. Float ops: the float islands left in "
+             "onnxruntime's optimised graph (ops on the model's own float output listed apart). Parity: the "
+             "ONNX file against zeroquant's PyTorch simulation on the distilled images (max difference over the "
+             "output's spread, and argmax agreement).", "",
+             "| family | model | input | ok | integer MACs | float ops left | zq / FP32 | zq / ORT static | "
+             "ORT static / FP32 | zq ms | quantize s | parity (max diff, agreement) |",
+             "|---|---|--:|:-:|--:|---|--:|--:|--:|--:|--:|---|"]
+    for r in results["rows"]:
+        if not r["ok"]:
+            lines.append(f"| {r['family']} | {r['model']} | {r['input']} | ✘ | | {r['error']} | | | | | | |")
+            continue
+        tail = f" (on the output: {_ops(r['output_float_ops'])})" if r["output_float_ops"] else ""
+        lines.append(f"| {r['family']} | {r['model']} | {r['input']} | ✔ | {100 * r['integer_mac_fraction']:.1f} % | "
+                     f"{_ops(r['float_ops'])}{tail} | {r['latency_vs_fp32']:.2f} | {r['latency_vs_ort']:.2f} | "
+                     f"{r['ort_vs_fp32']:.2f} | {r['latency_ms']['zeroquant']:.2f} | {r['quantize_s']:.0f} | "
+                     f"{r['parity']['relative_max_diff']:.3f}, {r['parity']['top1_agreement']:.0f} % |")
+    lines.append("")
+    for r in results["rows"]:
+        if "time_by_kind" not in r:
+            continue
+        variants = list(r["time_by_kind"])
+        lines += [f"Where {r['model']}'s time goes (onnxruntime's profiler, median kernel ms per run):", "",
+                  "| layer kind | " + " | ".join(f"{v} ms" for v in variants) + " |",
+                  "|---|" + "--:|" * len(variants)]
+        for label, ms in kind_rows(list(r["time_by_kind"].values())):
+            lines.append(f"| {label} | " + " | ".join("–" if m is None else f"{m:.2f}" for m in ms) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    every = {**CLASSIFIERS, **SEGMENTATION}
+    parser.add_argument("--models", help="comma-separated torchvision names (default: all "
+                                         f"{len(every)} families)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timing per model (all three variants)")
+    parser.add_argument("--workdir", type=Path, default=HERE.parent / "out" / "coverage")
+    parser.add_argument("--output", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+    chosen = [n.strip() for n in args.models.split(",")] if args.models else [n for n, _ in every.values()]
+    by_name = {name: (family, size) for family, (name, size) in every.items()}
+    unknown = [n for n in chosen if n not in by_name]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(by_name)}")
+    saved = args.output / "coverage.json"
+    results = json.loads(saved.read_text()) if saved.exists() and args.models else {"rows": []}
+    run, start = provenance() | {"threads": args.threads}, time.perf_counter()
+    with progress_display() as progress:
+        log = bench_log(progress)
+        for name in chosen:
+            row = run_model(by_name[name][0], name, by_name[name][1], args, progress, log)
+            results["rows"] = [r for r in results["rows"] if r["model"] != name] + [row]
+            order = list(by_name)
+            results["rows"].sort(key=lambda r: order.index(r["model"]))
+            results["run"] = run | {"wall_s": round(time.perf_counter() - start, 1)}
+            args.output.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(results, indent=1) + "\n")
+            write_section(args.output / "RESULTS.md", "coverage", markdown(results))
+    log(f"wrote {args.output / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -148,7 +148,8 @@ def test_output_folder_read_only(capsys, models, out, monkeypatch):
         return os_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refuse)
-    monkeypatch.setattr(zeroquant.pipeline, "distill_set", lambda *args, **kwargs: pytest.fail("distilled into a read-only folder"))
+    monkeypatch.setattr(zeroquant.pipeline, "distill_set",
+                        lambda *args, **kwargs: pytest.fail("distilled into a read-only folder"))
     out.chmod(0o555)
     try:
         assert_failed(quantize(capsys, models["archive"], out), 6, "cannot write to", out)

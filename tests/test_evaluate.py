@@ -39,7 +39,8 @@ def folders(tmp_path):
 def model_path(tmp_path_factory):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 7)
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 7)
     ).eval()
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but 30x faster than dynamo here

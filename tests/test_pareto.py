@@ -4,6 +4,7 @@ and the `pareto` and `quantize --budget` commands on a torch.export archive of S
 import io
 import itertools
 import json
+import re
 
 import numpy as np
 import onnx
@@ -188,6 +189,11 @@ def test_quantize_budget_exports_each_layer_on_its_grid(archive, tmp_path, capsy
                  *FAST]) == 0
     report = json.loads(capsys.readouterr().out)
     assert any(note.startswith("mixed_precision: --budget 4.5") for note in report["notes"])
+    # the frontier's choice was measured against uniform W4 (4.5 bits fit W4 with the first and last at 8)
+    (measured,) = [n for n in report["notes"] if n.startswith("mixed_precision: measured as exported")]
+    found = re.findall(r"(frontier point \d+|uniform W\d): KL ([\d.e-]+)", measured)
+    scores = {label: float(kl) for label, kl in found}
+    assert len(scores) == 2 and measured.endswith(f"kept {min(scores, key=scores.get)}")
     bits = report["settings"]["layer_bits"]  # keyed like the ONNX initializers: module path with "_" for "."
     assert sorted(bits.values()) == sorted(layer["weight_bits"] for layer in report["layers"])  # as chosen
     assert len(set(bits.values())) > 1

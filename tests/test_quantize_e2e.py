@@ -25,7 +25,8 @@ def loaded_small_net() -> LoadedModel:
 
 def test_small_net_quantizes_to_integer_kernels(tmp_path):
     out = tmp_path / "small.onnx"
-    report = quantize(loaded_small_net(), out, options=QuantizeOptions(**FAST), float_output=tmp_path / "fp32.onnx").report
+    report = quantize(loaded_small_net(), out, options=QuantizeOptions(**FAST),
+                      float_output=tmp_path / "fp32.onnx").report
     model = onnx.load(out)
     onnx.checker.check_model(model)
     weights = {i.name: i for i in model.graph.initializer if i.name.endswith(".weight")}

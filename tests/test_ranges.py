@@ -2,7 +2,9 @@
 
 import math
 
+import pytest
 import torch
+from torch import nn
 
 from tests.conftest import make_small_net
 from zeroquant.graph.batchnorm import fold_batchnorm
@@ -138,3 +140,37 @@ def test_bias_correction_changes_only_the_quantized_path():
             torch.testing.assert_close(sim(x), float_before, rtol=0, atol=0)
         assert all(layer.bias_shift.abs().max() > 0 for layer in sim.layers.values()), analytic
         assert not torch.equal(quantized_after, quantized_before), analytic
+
+
+def test_input_statistics_from_the_first_batchnorm():
+    """The first conv + BN's running statistics imply the input's mean and scale: trained on smooth images of known
+    statistics (per-channel means 0.3, -0.2, 0.1; std 0.5), the estimate lands near them."""
+    from zeroquant.graph.batchnorm import input_statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(24 * 32 * 32, 4))
+    offsets = torch.tensor([0.3, -0.2, 0.1]).reshape(1, 3, 1, 1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(50):
+            smooth = nn.functional.interpolate(torch.randn(16, 3, 8, 8), size=32, mode="bilinear")
+            model(offsets + 0.5 * smooth / smooth.std())
+    stats = input_statistics(capture(model.eval(), (3, 32, 32)).graph_module)
+    torch.testing.assert_close(stats.mean, offsets.flatten(), atol=0.05, rtol=0)
+    assert 0.35 < float(stats.std[0]) < 0.7
+    low, high = stats.range()
+    assert low == pytest.approx(float((stats.mean - 2.0 * stats.std).min())) and high > low
+
+
+def test_the_input_quantizer_takes_the_known_range(tmp_path):
+    import zeroquant
+
+    fast = dict(input_shape=(3, 16, 16), images=8, batch_size=8, iterations=5)
+    given = zeroquant.quantize(make_small_net(), input_range=(-1.0, 1.0), **fast).report
+    assert given.layers[0].input_range == pytest.approx([-1.0, 1.0], abs=2 / 255)
+    assert any(note.startswith("input range [") and "given (--input-range)" in note for note in given.notes)
+    estimated = zeroquant.quantize(make_small_net(), **fast).report
+    assert any("estimated from the first conv + BN" in note for note in estimated.notes)
+    with pytest.raises(zeroquant.UsageError, match="--input-range must be LOW,HIGH"):
+        zeroquant.quantize(make_small_net(), input_range=(1.0, -1.0), **fast)

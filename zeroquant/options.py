@@ -33,6 +33,7 @@ class QuantizeOptions:
     lr: float = 0.2
     seed: int = 0
     device: str = "auto"
+    input_range: tuple[float, float] | None = None  # the model input's range (its preprocessing), where known
     full_range: bool = False  # weights on the full int8 grid instead of [-63, 63] (see QuantizedLayer.qmax)
     cache: bool = True  # reuse distilled sets and sensitivities from the cache
     keep_first_last: int = 8  # bits of the first and last layer (weights and their inputs); 0 = no exception
@@ -79,6 +80,9 @@ class QuantizeOptions:
                                      ("device", self.device, DEVICES)):
             if value not in allowed:
                 raise UsageError(f"unknown --{flag} '{value}'", f"choose one of {', '.join(allowed)}")
+        if self.input_range is not None and (len(self.input_range) != 2 or not
+                                             float(self.input_range[0]) < float(self.input_range[1])):
+            raise UsageError(f"--input-range must be LOW,HIGH with LOW < HIGH, got {self.input_range}")
         if self.images < 1 or self.batch_size < 1 or (self.iterations is not None and self.iterations < 1):
             raise UsageError("--images, --batch-size and --iterations must be positive")
         choices = tuple(self.wbits_choices)

@@ -26,6 +26,7 @@ from zeroquant.export.integer_model import integer_model
 from zeroquant.export.onnx_export import to_onnx
 from zeroquant.files import check_writable, write_all
 from zeroquant.graph.decompose import for_quantization
+from zeroquant.graph.batchnorm import input_statistics
 from zeroquant.graph.capture import CapturedModel, capture
 from zeroquant.options import QuantizeOptions
 from zeroquant.progress import Progress
@@ -38,7 +39,8 @@ from zeroquant.quant.reconstruct import reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.report import LayerReport, QuantizeReport, QuantizeResult
 from zeroquant.search import measure, search
-from zeroquant.search.pareto import choose, describe, note, spread, uniform_points
+from zeroquant.search.sensitivity import output_divergence
+from zeroquant.search.pareto import choose, note, spread, uniform_points
 from zeroquant.search.result import ParetoResult, pareto_data
 from zeroquant.zoo.loading import LoadedModel, resolve_model
 
@@ -126,19 +128,50 @@ def _search(job: Job, folded: torch.fx.GraphModule, calib: CalibSet):
     options = job.options
     return search(folded, calib.images, job.shape, options.wbits_choices, options.objective, options.abits,
                   options.keep_first_last, options.reduce_range, job.loaded.digest, options.cache, job.progress,
-                  job.workers)
+                  job.workers, options.rounding)
 
 
-def budget_bits(job: Job, folded: torch.fx.GraphModule, calib: CalibSet) -> tuple[dict[str, int], str, str]:
-    """--budget: the frontier point with the least estimated sensitivity within the budget; returns its bits per
-    layer, the report note saying why, and its size in words."""
+@dataclass
+class Candidate:
+    """A bit allocation to try: its bits per layer, where it came from, and why (for the report)."""
+
+    label: str  # "frontier point 7", "uniform W4"
+    layer_bits: dict[str, int]
+    note: str = ""
+
+
+def input_range(job: Job) -> tuple[tuple[float, float] | None, str]:
+    """The range of the model's input for its quantizer, and where it comes from: given, the zoo entry's
+    preprocessing, estimated from the first conv + BN, or (None) fitted to the distilled images like the rest."""
+    if job.options.input_range is not None:
+        return tuple(float(v) for v in job.options.input_range), "given (--input-range)"
+    if job.loaded.preprocessing is not None:
+        preprocessing = job.loaded.preprocessing
+        return preprocessing.input_range(), f"the {preprocessing.name} preprocessing of the zoo entry"
+    stats = input_statistics(job.graph_module)
+    if stats is not None:
+        return stats.range(), ("estimated from the first conv + BN statistics (pass --input-range LOW,HIGH, your "
+                               "preprocessing's range, if you know it)")
+    return None, "fitted to the distilled images (pass --input-range LOW,HIGH, your preprocessing's range)"
+
+
+def budget_candidates(job: Job, folded: torch.fx.GraphModule, calib: CalibSet) -> list[Candidate]:
+    """--budget: the frontier point with the least estimated sensitivity within the budget and, to measure it
+    against, the largest uniform configuration within the budget (the same per-layer floors), when they differ."""
     found = _search(job, folded, calib)
     front, budget = found.front, job.options.budget_limit()
     cost = budget.cost(front.problem)
     index = choose(front, cost)
     timing = ", ".join(f"{k} {v}" for k, v in found.timings.items())
-    why = f"{note(front, index, budget.text, cost)} (search: {timing})"
-    return front.points[index]["bits"], why, describe(front.cost[index], front.problem)
+    candidates = [Candidate(f"frontier point {index + 1}", front.points[index]["bits"],
+                            f"{note(front, index, budget.text, cost)} (search: {timing})")]
+    problem, costs = found.problem, found.problem.costs()
+    fitting = [(bits, point) for column, (bits, point) in enumerate(zip(problem.choices, uniform_points(problem)))
+               if costs[:, column].sum() <= cost]
+    if fitting and fitting[-1][1]["bits"] != candidates[0].layer_bits:
+        bits, point = fitting[-1]
+        candidates.append(Candidate(f"uniform W{bits}", point["bits"]))
+    return candidates
 
 
 @dataclass
@@ -172,21 +205,61 @@ def stopwatch(timings: dict):
 
 def prepare(job: Job, calibration=None) -> Prepared:
     """Distil (unless calibration images are given), choose bits for a budget, build and calibrate the simulation,
-    then correct biases and reconstruct as the options say."""
-    options, progress = job.options, job.progress
+    then round, correct biases and reconstruct as the options say.
+
+    With a budget, the frontier's choice and the uniform configuration of the same size both go through all of
+    that, and the one closer to the float model on held-out distilled images is kept: the frontier is estimated
+    from each layer alone, reconstruction then recovers more in some configurations than in others, and the
+    measurement is what decides."""
+    options = job.options
     timings: dict = {}
     lap = stopwatch(timings)
     calib, from_cache = _calibration(job, calibration)
     lap("distill")
     timings["distill_from_cache"] = from_cache
     folded, unfolded_bn = for_quantization(job.graph_module)
-    notes = []
-    layer_bits = dict(options.layer_bits or {})
-    if options.budget is not None:
-        layer_bits, why, _ = budget_bits(job, folded, calib)
-        notes.append(why)
-        lap("search")
     equalized = equalize(folded) if options.equalize else 0
+    if options.budget is None:
+        prepared = _simulate(job, folded, calib, Candidate("", dict(options.layer_bits or {})), timings)
+    else:
+        candidates = budget_candidates(job, folded, calib)
+        lap("search")
+        built = [_simulate(job, folded, calib, candidate, dict(timings)) for candidate in candidates]
+        prepared = built[0] if len(built) == 1 else _closest(job, built, candidates)
+        prepared.notes.insert(0, candidates[0].note)  # how the frontier chose, whichever configuration was kept
+    prepared.timings["distill_from_cache"] = from_cache
+    if unfolded_bn:
+        prepared.notes.append(f"{unfolded_bn} BatchNorm layer(s) follow no conv/linear (e.g. pre-activation BN): each "
+                              "runs as the depthwise 1x1 conv it equals, in an integer kernel")
+    if options.equalize:
+        prepared.notes.append(f"cross-layer equalization rescaled {equalized} conv -> ReLU -> conv pair(s) (chains "
+                              "through ReLU6 are left alone: it does not commute with scaling)")
+    prepared.unfolded_bn = unfolded_bn
+    return prepared
+
+
+def _closest(job: Job, built: list[Prepared], candidates: list[Candidate]) -> Prepared:
+    """The candidate whose model is closest to the float one on held-out distilled images (KL of the outputs)."""
+    held_out = held_out_set(job).images
+    with torch.no_grad():
+        reference = job.graph_module(held_out)
+    scores = [output_divergence(prepared.sim, held_out, reference) for prepared in built]
+    best = min(range(len(built)), key=lambda i: scores[i][0])
+    measured = "; ".join(f"{c.label}: KL {kl:.4g}, top-1 agreement {agree:.1f} %" for c, (kl, agree) in
+                         zip(candidates, scores))
+    built[best].notes.append(f"mixed_precision: measured as exported (rounding, bias correction and reconstruction "
+                             f"as set) on {len(held_out)} held-out distilled images: {measured}; kept "
+                             f"{candidates[best].label}")
+    return built[best]
+
+
+def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate: Candidate,
+              timings: dict) -> Prepared:
+    """The simulation of one bit allocation, calibrated, rounded, bias-corrected and reconstructed."""
+    options, progress = job.options, job.progress
+    lap = stopwatch(timings)
+    notes: list[str] = []
+    layer_bits = candidate.layer_bits
     sim = build_quantsim(folded, options.wbits, options.abits, options.reduce_range)
     for name, bits in layer_bits.items():
         if name not in sim.layers:
@@ -194,9 +267,13 @@ def prepare(job: Job, calibration=None) -> Prepared:
         sim.layers[name].set_bits(bits)
     kept_depthwise = 0 if layer_bits else keep_depthwise(sim, options.keep_depthwise)  # a budget sets them
     keep_first_last(sim, options.keep_first_last)
+    known_range, source = input_range(job)
     with progress.stage("calibrate"):
-        calibrate(sim, calib.images, options.ranges)
+        calibrate(sim, calib.images, options.ranges, input_range=known_range)
     lap("calibrate")
+    if sim.input_quantizer is not None:
+        low, high = sim.activations[sim.input_quantizer].range
+        notes.append(f"input range [{low:.4g}, {high:.4g}]: {source}")
     low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
         q.bits < 8 for q in sim.activations.values())
     rounding = []
@@ -219,14 +296,7 @@ def prepare(job: Job, calibration=None) -> Prepared:
     if kept_depthwise:
         notes.append(f"{kept_depthwise} depthwise conv(s) keep {options.keep_depthwise}-bit weights: they hold few "
                      "weights but lose the most at low bits (--keep-depthwise 0 quantizes them like the rest)")
-    if options.equalize:
-        notes.append(f"cross-layer equalization rescaled {equalized} conv -> ReLU -> conv pair(s) (chains through "
-                     "ReLU6 are left alone: it does not commute with scaling)")
-    if unfolded_bn:
-        notes.append(f"{unfolded_bn} BatchNorm layer(s) follow no conv/linear (e.g. pre-activation BN): each runs as "
-                     "the depthwise 1x1 conv it equals, in an integer kernel")
-    return Prepared(job.graph_module, calib, sim, unfolded_bn, low_bit, reconstruction, timings, notes, rounding,
-                    layer_bits)
+    return Prepared(job.graph_module, calib, sim, 0, low_bit, reconstruction, timings, notes, rounding, layer_bits)
 
 
 def _layer_report(sim: QuantSim, name: str, macs: int) -> LayerReport:
@@ -257,8 +327,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
                 f"{check.max_abs_logit_diff:.3g} ({100 * check.relative_max_diff:.0f} % of the logit range), top-1 "
                 f"agreement {check.top1_agreement:.1f} % on the distilled images; nothing was written")
         macs = sim.layer_macs(job.shape)
-        census = verify.census(model, {name: f"{name}.weight" for name in sim.layers}, macs,
-                               {name: layer.integer_weight().to(torch.int8).numpy() for name, layer in sim.layers.items()})
+        values = {name: layer.integer_weight().to(torch.int8).numpy() for name, layer in sim.layers.items()}
+        census = verify.census(model, {name: f"{name}.weight" for name in sim.layers}, macs, values)
     lap("verify")
     data = model.SerializeToString()
     float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
@@ -279,7 +349,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
         activation_ranges={name: [round(v, 6) for v in q.range] for name, q in sim.activations.items()},
         float_ops=[f"{op} x{count}: onnxruntime has no integer kernel for it, so it runs in float between a "
                    f"DequantizeLinear and a QuantizeLinear" for op, count in census.float_ops.items()] +
-                  [f"{op} x{count}: works on the model's float output" for op, count in census.output_float_ops.items()],
+                  [f"{op} x{count}: works on the model's float output"
+                   for op, count in census.output_float_ops.items()],
         sizes={"onnx_bytes": len(data), "float32_weight_bytes": float_bytes,
                "onnx_vs_float32_weights": round(len(data) / float_bytes, 4)},
         timings=timings,
@@ -353,7 +424,8 @@ def pareto(model, output: str | Path | None = None, *, input_shape=None, options
     held_out = held_out_set(job)
     with job.progress.stage("measure frontier points"):
         results = measure(found, calib.images, held_out.images, options.ranges, options.keep_first_last,
-                          [front.points[i]["bits"] for i in checked] + [p["bits"] for p in uniform])
+                          [front.points[i]["bits"] for i in checked] + [p["bits"] for p in uniform], options.rounding,
+                          input_range(job)[0])
     for point, result in zip(uniform, results[len(checked):]):
         point["measured"] = result
     budget_data = None if cost is None else {

@@ -208,21 +208,32 @@ class BatchNormMatcher:
         self.device = device
         self.micro_batch = max(1, int(memory_budget // self.bytes_per_image(input_shape)))
 
+    @staticmethod
+    def prior_loss(images: torch.Tensor) -> torch.Tensor:
+        """Pull the images' per-channel mean and std towards 0 and 1, the statistics of normalised inputs.
+
+        Measured against a prior at the statistics the first conv + BN imply (graph.batchnorm.input_statistics,
+        std 0.54 for EfficientNet-Lite0, whose real images have 0.50 where these end at 1.5): those images were
+        worse calibration data for Lite0 (W8A8 agreement 97.8 against 98.6 %, W4A8 with GPTQ 74.6 against 79.2 %
+        top-1) and no better for ResNet-20, so the prior stays at 0 and 1."""
+        dims = [0, 2, 3]
+        return torch.norm(images.mean(dims)) + torch.norm(images.std(dims) - 1)
+
     def bytes_per_image(self, input_shape) -> int:
         """What one more image adds to what the loss keeps for the backward pass (autograd's saved tensors)."""
 
         def kept(batch: int) -> int:
-            sizes = []
+            sizes = {}  # by storage: a tensor saved by two ops (a BN input, also its variance's) is kept once
 
             def pack(tensor):
-                sizes.append(tensor.numel() * tensor.element_size())
+                sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
                 return tensor
 
             x = torch.zeros(batch, *input_shape, device=self.device, requires_grad=True)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 self._set_mode("loss")
                 self.model(x)
-            return sum(sizes)
+            return sum(sizes.values())
 
         return max(1, kept(2) - kept(1))
 
@@ -261,12 +272,6 @@ class BatchNormMatcher:
         return sum(layers.values()), layers
 
 
-def input_prior_loss(images: torch.Tensor) -> torch.Tensor:
-    """Pull the per-channel mean and std of the images towards 0 and 1, the statistics of normalised inputs."""
-    dims = [0, 2, 3]
-    return torch.norm(images.mean(dims)) + torch.norm(images.std(dims) - 1)
-
-
 BatchFn = Callable[[int, torch.Generator, Callable], torch.Tensor]
 
 
@@ -279,5 +284,5 @@ def distill_batches(label: str, matcher: BatchNormMatcher, settings: DistillSett
         for index in indices:
             images = distill_batch(sizes[index], batch_generator(settings.seed, index), advance).detach()
             loss, layers = matcher.measure(images)
-            batches[index] = Batch(images.cpu(), loss + float(input_prior_loss(images)), layers)
+            batches[index] = Batch(images.cpu(), loss + float(matcher.prior_loss(images)), layers)
     return batches

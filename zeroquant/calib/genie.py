@@ -6,7 +6,7 @@ free pixels, so neighbouring pixels are correlated from the start and the optimi
 manifold rather than per-pixel noise; and every strided conv of the distillation graph sees its input shifted by
 a random offset each step (pad by one pixel, crop back), so the images cannot exploit the sub-sampling grid.
 Each batch gets a fresh generator and fresh latents. The loss is ZeroQ's (the BN taps of base.py plus
-`input_prior_loss`), so the two methods' final losses compare directly.
+the input prior), so the two methods' final losses compare directly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches, input_prior_loss
+from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches
 
 aten = torch.ops.aten
 _CONVS = (aten.conv2d.default, aten.convolution.default)
@@ -151,7 +151,7 @@ class GenieDistiller:
                     swing.resample()
                 images = generator(latents)
                 step = matcher.step(images)
-                ((images * step.grad).sum() + input_prior_loss(images)).backward()
+                ((images * step.grad).sum() + matcher.prior_loss(images)).backward()
                 optimizer.step()
                 schedule.step()
                 advance()

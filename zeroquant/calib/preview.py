@@ -39,7 +39,8 @@ def grid_png(images: torch.Tensor, mean=None, std=None) -> bytes:
     scale = max(1, math.ceil(MIN_SIDE / min(pixels.shape[2:])))
     if scale > 1:
         pixels = F.interpolate(pixels, scale_factor=scale, mode="nearest")
-    grid = require("torchvision.utils", "vision", "--preview").make_grid(pixels, nrow=math.ceil(math.sqrt(len(pixels))), padding=PADDING)
+    make_grid = require("torchvision.utils", "vision", "--preview").make_grid
+    grid = make_grid(pixels, nrow=math.ceil(math.sqrt(len(pixels))), padding=PADDING)
     array = (grid * 255).round().byte().permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

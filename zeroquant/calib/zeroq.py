@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches, input_prior_loss
+from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches
 
 
 class ZeroQDistiller:
@@ -21,7 +21,7 @@ class ZeroQDistiller:
             for _ in range(settings.iterations):
                 optimizer.zero_grad(set_to_none=True)
                 step = matcher.step(images)
-                prior = input_prior_loss(images)
+                prior = matcher.prior_loss(images)
                 prior.backward()
                 images.grad += step.grad
                 optimizer.step()

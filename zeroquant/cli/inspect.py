@@ -19,6 +19,7 @@ def inspect(
     arch: str = flags.ARCH,
     weights: str = flags.WEIGHTS,
     input_shape: str = flags.INPUT_SHAPE,
+    input_range: str = flags.INPUT_RANGE,
     wbits: int = flags.WBITS,
     abits: int = flags.ABITS,
     method: str = flags.METHOD,
@@ -49,7 +50,8 @@ def inspect(
         raise UsageError("--top must be 0 (all) or positive")
     with progress_display(quiet=json_out) as progress:
         report = measure(model, input_shape=parse_shape(input_shape), top=top or None, arch=arch, weights=weights,
-                         trust_pickle=trust_pickle, progress=progress, wbits=wbits, abits=abits, method=method,
+                         trust_pickle=trust_pickle, progress=progress, input_range=flags.parse_range(input_range),
+                         wbits=wbits, abits=abits, method=method,
                          ranges=ranges, images=images, iterations=iterations, batch_size=batch_size, seed=seed,
                          device=device, full_range=full_range, keep_first_last=keep_first_last,
                          keep_depthwise=keep_depthwise, reconstruct=reconstruct, effort=effort)

@@ -15,6 +15,9 @@ MODEL = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP)
 ARCH = typer.Option(None, "--arch", help="Zoo architecture for a state_dict/checkpoint file.")
 WEIGHTS = typer.Option(None, "--weights", help="Weights file for a zoo:NAME model.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="C,H,W when the model does not say.")
+INPUT_RANGE = typer.Option(None, "--input-range", help="LOW,HIGH: the range your preprocessing gives the model's "
+                                                        "input, e.g. -1,1 (default: a zoo entry's, else estimated "
+                                                        "from the first conv + BN).")
 WBITS = typer.Option(8, "--wbits", help="Weight bits.")
 ABITS = typer.Option(8, "--abits", help="Activation bits.")
 METHOD = typer.Option("zeroq", "--method", help="Calibration images: zeroq, genie or noise.")
@@ -44,6 +47,18 @@ OBJECTIVE = typer.Option("size", "--objective", help="Cost axis of the frontier:
 WORKERS = typer.Option(1, "--workers", help="Local processes to share the work (gloo on CPU); the same file as 1. "
                                             "Several GPUs or machines: torchrun ... -m zeroquant instead.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def parse_range(text: str | None) -> tuple[float, float] | None:
+    from zeroquant.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise UsageError(f"--input-range must be LOW,HIGH, got '{text}'") from exc
+    return low, high
 
 
 def parse_choices(text: str) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ def pareto(
     arch: str = flags.ARCH,
     weights: str = flags.WEIGHTS,
     input_shape: str = flags.INPUT_SHAPE,
+    input_range: str = flags.INPUT_RANGE,
     wbits_choices: str = typer.Option("2,3,4,5,6,8", "--wbits-choices", help="Candidate weight bits per layer."),
     abits: int = typer.Option(8, "--abits", help="Activation bits (uniform, not searched)."),
     objective: str = flags.OBJECTIVE,
@@ -48,7 +49,8 @@ def pareto(
     run_in_workers(workers, device)
     with progress_display(quiet=json_out or not is_main_process()) as progress:
         result = run(model, output, input_shape=parse_shape(input_shape), arch=arch, weights=weights,
-                     trust_pickle=trust_pickle, progress=progress, wbits_choices=flags.parse_choices(wbits_choices),
+                     trust_pickle=trust_pickle, progress=progress, input_range=flags.parse_range(input_range),
+                     wbits_choices=flags.parse_choices(wbits_choices),
                      abits=abits, objective=objective, budget=budget, method=method, ranges=ranges, images=images,
                      iterations=iterations, batch_size=batch_size, seed=seed, device=device,
                      keep_first_last=keep_first_last, full_range=full_range, cache=not no_cache)

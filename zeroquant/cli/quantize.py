@@ -24,6 +24,7 @@ def quantize(
     arch: str = flags.ARCH,
     weights: str = flags.WEIGHTS,
     input_shape: str = flags.INPUT_SHAPE,
+    input_range: str = flags.INPUT_RANGE,
     wbits: int = flags.WBITS,
     abits: int = flags.ABITS,
     budget: str = typer.Option(None, "--budget", help="Mixed-precision weights: the best point of the frontier "
@@ -68,7 +69,8 @@ def quantize(
     with progress_display(quiet=json_out or not is_main_process()) as progress:
         result = run(model, output, input_shape=parse_shape(input_shape), calibration=calibration,
                      float_output=float_output, arch=arch, weights=weights, trust_pickle=trust_pickle,
-                     progress=progress, wbits=wbits, abits=abits, budget=budget,
+                     progress=progress, input_range=flags.parse_range(input_range), wbits=wbits, abits=abits,
+                     budget=budget,
                      wbits_choices=flags.parse_choices(wbits_choices), objective=objective, method=method,
                      ranges=ranges, images=images, iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
                      device=device, keep_first_last=keep_first_last, keep_depthwise=keep_depthwise,
@@ -145,4 +147,5 @@ def distill(
     if json_out:
         print_json(summary)
     else:
-        stdout.print(key_value_table(f"zeroquant distill: {job.loaded.name}", [(k, str(v)) for k, v in summary.items()]))
+        rows = [(k, str(v)) for k, v in summary.items()]
+        stdout.print(key_value_table(f"zeroquant distill: {job.loaded.name}", rows))

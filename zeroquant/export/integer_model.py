@@ -39,7 +39,8 @@ class QuantizeDequantize(nn.Module):
     whereas a float Clip would break their fusion. `quantize_scale` differs from the dequantize scale only where an
     affine op is folded into the pair (hardsigmoid)."""
 
-    def __init__(self, quantizer: ActivationQuantizer, low: int = 0, high: int = 255, quantize_scale: float | None = None):
+    def __init__(self, quantizer: ActivationQuantizer, low: int = 0, high: int = 255,
+                 quantize_scale: float | None = None):
         super().__init__()
         self.scale, self.zero_point = quantizer.scale, quantizer.zero_point
         self.quantize_scale = quantizer.scale if quantize_scale is None else quantize_scale
@@ -67,7 +68,7 @@ class QuantizedConstant(nn.Module):
 
 
 class IntegerLayer(nn.Module):
-    """conv2d/linear whose weights are an int8 tensor and whose bias is an int32 tensor, both dequantized per channel."""
+    """conv2d/linear whose weights are an int8 tensor and whose bias an int32 tensor, both dequantized per channel."""
 
     def __init__(self, layer: QuantizedLayer):
         super().__init__()

@@ -16,8 +16,13 @@ def _forward_all(sim: QuantSim, images: torch.Tensor, batch_size: int) -> None:
             sim(images[start : start + batch_size])
 
 
-def calibrate(sim: QuantSim, images: torch.Tensor, method: str = "mse", batch_size: int = 32) -> dict[str, str]:
+def calibrate(sim: QuantSim, images: torch.Tensor, method: str = "mse", batch_size: int = 32,
+              input_range: tuple[float, float] | None = None) -> dict[str, str]:
     """Observe float activations (two passes: range, then histogram), set every quantizer, then enable them all.
+
+    input_range: the range of the model's input where it is known (the preprocessing of the images the model was
+    trained on): distilled images spread far wider than real ones (EfficientNet-Lite0: +-5.5 against [-1, 1]), so
+    a grid fitted to them gives real images a few dozen of the 256 levels.
 
     Returns the range method each activation quantizer ended up with (see ranges.choose_range)."""
     if method not in RANGE_METHODS:
@@ -37,6 +42,8 @@ def calibrate(sim: QuantSim, images: torch.Tensor, method: str = "mse", batch_si
     chosen = {}
     for name, quantizer in sim.activations.items():
         bounds, chosen[name] = choose_range(method, observers[name], quantizer.prior, quantizer.bits)
+        if name == sim.input_quantizer and input_range is not None:
+            bounds, chosen[name] = input_range, "input range"
         quantizer.set_range(*bounds)
     for name, layer in sim.layers.items():
         feeding = sim.layer_inputs.get(name)

@@ -37,22 +37,28 @@ def gptq(sim: QuantSim, images: torch.Tensor, layers: list[str] | None = None, s
     with progress.stage("second-order rounding (GPTQ)", total=len(names)) as advance:
         for name in names:
             layer = sim.layers[name]
-            hessian = _hessian(sim, layer, images)
-            weight = _grouped(layer)
-            if search_scales:
-                layer.set_weight_scale(_best_scales(weight, hessian, layer))
-            before = _output_error(weight, _rounded(weight, layer), hessian)
-            compensated = _gptq_groups(weight, hessian, layer)
-            after = _output_error(weight, _rounded(compensated, layer), hessian)
-            if after < before:  # never worse than nearest rounding on the calibration images
-                layer.round_from = _ungrouped(compensated, layer)
-            summary.append({"layer": layer.name, "error_nearest": before, "error_gptq": min(before, after)})
+            summary.append(round_layer(layer, hessian(sim, layer, images), search_scales))
             advance()
     return summary
 
 
-def _hessian(sim: QuantSim, layer: QuantizedLayer, images: torch.Tensor) -> torch.Tensor:
-    """[groups, d, d]: sum over images and positions of x x^T, x the layer's (unfolded, per group) input."""
+def round_layer(layer: QuantizedLayer, inputs: torch.Tensor, search_scales: bool = True) -> dict:
+    """GPTQ for one layer at its current bits, given the Hessian of its inputs: sets its step sizes and, where it
+    lowers the output error, its rounding (round_from); returns both errors."""
+    weight = _grouped(layer)
+    if search_scales:
+        layer.set_weight_scale(_best_scales(weight, inputs, layer))
+    before = _output_error(weight, _rounded(weight, layer), inputs)
+    compensated = _gptq_groups(weight, inputs, layer)
+    after = _output_error(weight, _rounded(compensated, layer), inputs)
+    if after < before:  # never worse than nearest rounding on the calibration images
+        layer.round_from = _ungrouped(compensated, layer)
+    return {"layer": layer.name, "error_nearest": before, "error_gptq": min(before, after)}
+
+
+def hessian(sim: QuantSim, layer: QuantizedLayer, images: torch.Tensor) -> torch.Tensor:
+    """[groups, d, d]: the mean over images of the sum over positions of x x^T, x the layer's (unfolded, per group)
+    input as the simulation is configured (quantized before the layer, or float for sensitivity)."""
     total = None
 
     def collect(module, args):

@@ -14,6 +14,7 @@ import torch
 from zeroquant.distributed import Workers
 from zeroquant.progress import SILENT, Progress
 from zeroquant.quant.calibrate import calibrate
+from zeroquant.quant.gptq import gptq
 from zeroquant.quant.plan import first_and_last, keep_first_last
 from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.search.pareto import Frontier, Problem, frontier
@@ -35,7 +36,8 @@ class Search:
 
 def search(folded: torch.fx.GraphModule, images: torch.Tensor, input_shape, choices, objective: str = "size",
            abits: int = 8, keep_first_last_bits: int = 8, reduce_range: bool = True, model_digest: str = "",
-           use_cache: bool = True, progress: Progress = SILENT, workers: Workers = Workers()) -> Search:
+           use_cache: bool = True, progress: Progress = SILENT, workers: Workers = Workers(),
+           rounding: str = "nearest") -> Search:
     """Measure every layer's sensitivity (cached) on the BN-folded graph and solve the frontier.
 
     The layers that quantize() pins (keep_first_last_bits) get no fewer bits here either, so the frontier holds the
@@ -46,7 +48,8 @@ def search(folded: torch.fx.GraphModule, images: torch.Tensor, input_shape, choi
     floor = np.array([keep_first_last_bits if name in pinned else 0 for name in names])
     measured = sorted(set(choices) | set(floor[floor > 0].tolist()))
     clock = time.perf_counter()
-    kl, cached = cached_sensitivity(sim, images, measured, model_digest, reduce_range, use_cache, progress, workers)
+    kl, cached = cached_sensitivity(sim, images, measured, model_digest, reduce_range, use_cache, progress, workers,
+                                    rounding)
     sensitivity_s = time.perf_counter() - clock
     macs = sim.layer_macs(input_shape)
     sensitivity = kl[np.arange(len(names))[:, None], np.searchsorted(measured, Problem.candidate_bits(choices, floor))]
@@ -59,19 +62,24 @@ def search(folded: torch.fx.GraphModule, images: torch.Tensor, input_shape, choi
 
 
 def measure(found: Search, calib_images: torch.Tensor, held_out: torch.Tensor, range_method: str,
-            keep_first_last_bits: int, configs: list[dict]) -> list[dict]:
+            keep_first_last_bits: int, configs: list[dict], rounding: str = "nearest",
+            input_range: tuple[float, float] | None = None) -> list[dict]:
     """End-to-end KL and top-1 agreement with FP32 of each configuration ({layer: bits}) on held-out images, weights
-    only (what the additive estimate predicts) and with activations quantized as exported."""
+    only (what the additive estimate predicts) and with activations quantized as exported, the weights rounded as
+    quantize() rounds them."""
     sim = found.sim
     sim.set_enabled(weights=False, activations=False)
     with torch.no_grad():
         reference = sim(held_out)
     keep_first_last(sim, keep_first_last_bits)  # the activation bits of the pinned layers' inputs, as exported
-    calibrate(sim, calib_images, range_method)
+    calibrate(sim, calib_images, range_method, input_range=input_range)
     results = []
     for config in configs:
         for name, bits in config.items():
             sim.layers[name].set_bits(bits)
+        if rounding == "gptq":
+            sim.set_enabled(weights=True, activations=True)
+            gptq(sim, calib_images)
         row = {}
         for label, activations in (("weights_only", False), ("with_activations", True)):
             sim.set_enabled(weights=True, activations=activations)

@@ -20,31 +20,32 @@ from zeroquant.distributed import Workers
 from zeroquant.errors import OutputError
 from zeroquant.files import cache_root, write_atomic
 from zeroquant.progress import SILENT, Progress
+from zeroquant.quant.gptq import hessian, round_layer
 from zeroquant.quant.sim import QuantSim, as_outputs
 
 FORMAT = 1
 MEMORY_BUDGET = 1 << 30  # bytes of kept activations per chunk of images
 
 
-def cache_key(model_digest: str, images: torch.Tensor, choices, reduce_range: bool) -> str:
+def cache_key(model_digest: str, images: torch.Tensor, choices, reduce_range: bool, rounding: str) -> str:
     """The images' hash stands for the calibration cache key (model, method, settings, seed) and is exact."""
     payload = json.dumps([FORMAT, model_digest, hashlib.sha256(images.numpy().tobytes()).hexdigest(), list(choices),
-                          reduce_range])
+                          reduce_range, rounding])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def cached_sensitivity(sim: QuantSim, images: torch.Tensor, choices, model_digest: str, reduce_range: bool,
-                       use_cache: bool = True, progress: Progress = SILENT,
-                       workers: Workers = Workers()) -> tuple[np.ndarray, bool]:
+                       use_cache: bool = True, progress: Progress = SILENT, workers: Workers = Workers(),
+                       rounding: str = "nearest") -> tuple[np.ndarray, bool]:
     """layer_sensitivity from the cache (`<cache>/sensitivity/KEY.json`) when it was computed before; with several
     processes each measures its share of the layers and all get the whole table."""
-    key = cache_key(model_digest, images, choices, reduce_range)
+    key = cache_key(model_digest, images, choices, reduce_range, rounding)
     path = cache_root() / "sensitivity" / f"{key}.json"
     cached = _load(path, list(sim.layers)) if use_cache else None
     if workers.agree(cached is not None):
         return cached, True
     rows = workers.share(len(sim.layers))
-    measured = workers.gather(workers.run(lambda: layer_sensitivity(sim, images, choices, progress, rows)))
+    measured = workers.gather(workers.run(lambda: layer_sensitivity(sim, images, choices, progress, rows, rounding)))
     table = np.stack([measured[row] for row in range(len(sim.layers))])
     if use_cache and workers.is_main:
         try:
@@ -65,9 +66,10 @@ def _load(path, layers: list[str]) -> np.ndarray | None:
 
 
 def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Progress = SILENT,
-                      rows: list[int] | None = None) -> dict[int, np.ndarray]:
-    """{layer row: KL per choice}, averaged over the images, for the given rows (all by default); leaves every
-    quantizer of `sim` disabled."""
+                      rows: list[int] | None = None, rounding: str = "nearest") -> dict[int, np.ndarray]:
+    """{layer row: KL per choice}, averaged over the images, for the given rows (all by default), with each layer's
+    weights rounded as quantize() will round them (nearest, or GPTQ's choice); leaves every quantizer of `sim`
+    disabled."""
     sim.set_enabled(weights=False, activations=False)
     graph, k = sim.graph_module.graph, len(choices)
     batched = set().union(*(_downstream(graph, node) for node in graph.nodes if node.op == "placeholder"))
@@ -75,6 +77,8 @@ def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Pr
     names = list(sim.layers)
     rows = list(range(len(names))) if rows is None else rows
     table = {row: np.zeros(k) for row in rows}
+    decided = _gptq_choices(sim, images, choices, [names[row] for row in rows], progress) if rounding == "gptq" \
+        else {}
     keep = Interpreter(sim.graph_module, garbage_collect_values=False)
     with torch.no_grad():
         keep.run(images[:1])
@@ -84,7 +88,7 @@ def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Pr
                 batch = images[start : start + chunk]
                 reference = [F.log_softmax(out.double(), 1) for out in as_outputs(keep.run(batch))]
                 for row in rows:
-                    suffix = _Suffix(sim, nodes[names[row]], choices, len(batch))
+                    suffix = _Suffix(sim, nodes[names[row]], choices, len(batch), decided.get(names[row], {}))
                     env = suffix.stacked_env(keep.env, batched)
                     for log_p, out in zip(reference, as_outputs(suffix.run(batch, initial_env=env))):
                         log_q = F.log_softmax(out.double(), 1).unflatten(0, (k, len(batch)))
@@ -93,13 +97,32 @@ def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Pr
     return {row: values / len(images) for row, values in table.items()}
 
 
+def _gptq_choices(sim: QuantSim, images: torch.Tensor, choices, names: list[str], progress: Progress) -> dict:
+    """{layer: {bits: (step sizes, round_from)}}: GPTQ's rounding of each layer alone at each bit-width, from the
+    Hessian of its float inputs."""
+    decided = {}
+    with progress.stage("second-order rounding per layer and bit-width", total=len(names)) as advance:
+        for name in names:
+            layer, original = sim.layers[name], sim.layers[name].bits
+            inputs = hessian(sim, layer, images)
+            decided[name] = {}
+            for bits in choices:
+                layer.set_bits(bits)
+                round_layer(layer, inputs)
+                decided[name][bits] = (layer.weight_scale.clone(), layer.round_from)
+            layer.set_bits(original)
+            advance()
+    return decided
+
+
 class _Suffix(Interpreter):
     """Runs only the nodes downstream of one layer, for every bit-width at once: the layer's outputs at each width
     are stacked along the batch, and the float values that the downstream nodes read are repeated to match."""
 
-    def __init__(self, sim: QuantSim, node: torch.fx.Node, choices, n: int):
+    def __init__(self, sim: QuantSim, node: torch.fx.Node, choices, n: int, decided: dict):
         super().__init__(sim.graph_module)
         self.node, self.layer, self.choices, self.n = node, sim.layers[node.target], choices, n
+        self.decided = decided  # bits -> (step sizes, round_from) where a rounding method chose them
         self.downstream = _downstream(sim.graph_module.graph, node)
 
     def stacked_env(self, env: dict, batched: set) -> dict:
@@ -120,6 +143,9 @@ class _Suffix(Interpreter):
             outputs = []
             for bits in self.choices:
                 self.layer.set_bits(bits)
+                if bits in self.decided:
+                    scale, self.layer.round_from = self.decided[bits]
+                    self.layer.set_weight_scale(scale)
                 outputs.append(self.layer(x))
         finally:
             self.layer.enabled = False

@@ -25,6 +25,11 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def input_range(self) -> tuple[float, float]:
+        """What pixels in [0, 1] become, over all channels: the exact range of the model's input."""
+        return (min((0 - m) / s for m, s in zip(self.mean, self.std)),
+                max((1 - m) / s for m, s in zip(self.mean, self.std)))
+
 
 @dataclass(frozen=True)
 class ZooEntry:

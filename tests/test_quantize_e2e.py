@@ -25,7 +25,7 @@ def loaded_small_net() -> LoadedModel:
 
 def test_small_net_quantizes_to_integer_kernels(tmp_path):
     out = tmp_path / "small.onnx"
-    report = quantize(loaded_small_net(), out, options=QuantizeOptions(**FAST),
+    report = quantize(loaded_small_net(), out, options=QuantizeOptions(**FAST, target_cpu="portable"),
                       float_output=tmp_path / "fp32.onnx").report
     model = onnx.load(out)
     onnx.checker.check_model(model)
@@ -49,6 +49,17 @@ def test_small_net_quantizes_to_integer_kernels(tmp_path):
     written = json.loads((tmp_path / "small.onnx.json").read_text())
     assert written["census"]["integer_layers"] == report.census["integer_layers"]
     assert len(written["layers"]) == 5 and {layer["weight_qmax"] for layer in written["layers"]} == {63, 127}
+    assert any("--target-cpu portable" in note for note in written["notes"])
+
+
+@pytest.mark.parametrize("has_int32_dot, qmax", [(True, {127}), (False, {63, 127})])
+def test_target_cpu_auto_follows_this_cpu(tmp_path, monkeypatch, has_int32_dot, qmax):
+    """auto gives full int8 weights where this CPU's dot products add in int32, the 7-bit grid where they may not."""
+    monkeypatch.setattr("zeroquant.options.int32_dot_products", lambda: has_int32_dot)
+    report = quantize(loaded_small_net(), tmp_path / "m.onnx", options=QuantizeOptions(**FAST)).report
+    assert {layer.weight_qmax for layer in report.layers} == qmax
+    assert report.settings["target_cpu"] == "auto"
+    assert any(note.startswith("--target-cpu auto (this CPU:") for note in report.notes)
 
 
 @pytest.mark.parametrize("options", [dict(ranges="auto", bias_correction="analytic"),

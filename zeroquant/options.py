@@ -6,14 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from zeroquant.calib import DISTILLERS
+from zeroquant.cpu import cpu_flags, int32_dot_products
 from zeroquant.errors import UsageError
+from zeroquant.quant.gptq import ROUNDINGS
 from zeroquant.quant.ranges import RANGE_METHODS
 from zeroquant.quant.reconstruct import EFFORTS
 from zeroquant.search.pareto import DEFAULT_CHOICES, OBJECTIVES, Budget, parse_budget
 
 BIAS_CORRECTION = ("auto", "on", "analytic", "off")
 RECONSTRUCT = ("auto", "on", "off")
-ROUNDING = ("nearest", "gptq")
+TARGET_CPUS = ("auto", "int32-dot", "portable")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -34,11 +36,11 @@ class QuantizeOptions:
     seed: int = 0
     device: str = "auto"
     input_range: tuple[float, float] | None = None  # the model input's range (its preprocessing), where known
-    full_range: bool = False  # weights on the full int8 grid instead of [-63, 63] (see QuantizedLayer.qmax)
+    target_cpu: str = "auto"  # int32-dot: full int8 weights; portable: [-63, 63]; auto: whichever this CPU is
     cache: bool = True  # reuse distilled sets and sensitivities from the cache
     keep_first_last: int = 8  # bits of the first and last layer (weights and their inputs); 0 = no exception
     keep_depthwise: int = 8  # least weight bits of depthwise convs under a uniform wbits; 0 = no exception
-    rounding: str = "nearest"  # weight rounding before any reconstruction: nearest, or gptq (second-order)
+    rounding: str = "auto"  # weight rounding before reconstruction: gptq, nearest, auto (gptq below 8 bits)
     reconstruct: str = "auto"  # block reconstruction: auto (below 8 bits), on, off
     effort: str = "default"
     bias_correction: str = "auto"  # auto: on (measured) for networks with depthwise convs; on, analytic, off
@@ -57,7 +59,20 @@ class QuantizeOptions:
 
     @property
     def reduce_range(self) -> bool:
-        return not self.full_range
+        """The 7-bit weight grid, for CPUs whose u8s8 kernels add pairs of products in int16 (QuantizedLayer.qmax).
+        auto decides by the CPU zeroquant runs on, the one most users also run the file on; the report says which."""
+        if self.target_cpu == "auto":
+            return not int32_dot_products()
+        return self.target_cpu == "portable"
+
+    def weight_grid_note(self) -> str:
+        here = f"this CPU: {cpu_flags()}"
+        if self.reduce_range:
+            return (f"--target-cpu {self.target_cpu} ({here}): weights of non-depthwise layers use the 7-bit grid "
+                    "[-63, 63] inside int8, so onnxruntime's u8s8 kernels cannot saturate on CPUs without VNNI")
+        return (f"--target-cpu {self.target_cpu} ({here}): full int8 weights [-127, 127], for CPUs whose integer dot "
+                "products add in int32 (x86 VNNI or AMX, ARM dot product); on AVX2 or AVX-512 without VNNI they can "
+                "saturate: quantize with --target-cpu portable for those")
 
     def budget_limit(self) -> Budget | None:
         return parse_budget(self.budget, self.wbits_choices, self.objective) if self.budget is not None else None
@@ -72,12 +87,14 @@ class QuantizeOptions:
             if bits and not 2 <= bits <= 8:
                 raise UsageError(f"--{flag} {bits} is out of range", "0 (off) or 2 to 8 bits")
         for flag, value, allowed in (("reconstruct", self.reconstruct, RECONSTRUCT),
+                                     ("rounding", self.rounding, ROUNDINGS),
                                      ("bias-correction", self.bias_correction, BIAS_CORRECTION),
                                      ("effort", self.effort, tuple(EFFORTS)),
                                      ("method", self.method, tuple(DISTILLERS)),
                                      ("ranges", self.ranges, RANGE_METHODS),
                                      ("objective", self.objective, OBJECTIVES),
-                                     ("device", self.device, DEVICES)):
+                                     ("device", self.device, DEVICES),
+                                     ("target-cpu", self.target_cpu, TARGET_CPUS)):
             if value not in allowed:
                 raise UsageError(f"unknown --{flag} '{value}'", f"choose one of {', '.join(allowed)}")
         if self.input_range is not None and (len(self.input_range) != 2 or not

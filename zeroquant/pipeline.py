@@ -33,7 +33,7 @@ from zeroquant.progress import Progress
 from zeroquant.quant.bias_correction import correct_biases
 from zeroquant.quant.calibrate import calibrate
 from zeroquant.quant.equalize import equalize
-from zeroquant.quant.gptq import gptq
+from zeroquant.quant.gptq import gptq, uses_gptq
 from zeroquant.quant.plan import keep_depthwise, keep_first_last
 from zeroquant.quant.reconstruct import reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
@@ -277,8 +277,9 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate
     low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
         q.bits < 8 for q in sim.activations.values())
     rounding = []
-    if options.rounding == "gptq":
-        rounding = gptq(sim, calib.images, progress=progress)
+    second_order = [name for name, layer in sim.layers.items() if uses_gptq(options.rounding, layer.bits)]
+    if second_order:
+        rounding = gptq(sim, calib.images, second_order, progress=progress)
         lap("rounding")
     has_depthwise = any(layer.is_depthwise for layer in sim.layers.values())
     if options.bias_correction in ("on", "analytic") or (options.bias_correction == "auto" and has_depthwise):
@@ -336,9 +337,7 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     if packed:
         notes.append(f"{packed} layer(s) store INT4 weights (--pack-int4), widened to int8 by a Cast that "
                      "onnxruntime folds when it loads the file: they still run in integer kernels")
-    if options.reduce_range:
-        notes.append("weights of non-depthwise layers use the 7-bit grid [-63, 63] inside int8 (reduce_range) so "
-                     "onnxruntime's u8s8 kernels cannot saturate on CPUs without VNNI; --full-range lifts this")
+    notes.append(options.weight_grid_note())
     report = QuantizeReport(
         model=job.loaded.name,
         output=str(output) if output is not None else "",

@@ -33,7 +33,7 @@ def inspect(
     keep_depthwise: int = flags.KEEP_DEPTHWISE,
     reconstruct: str = flags.RECONSTRUCT,
     effort: str = flags.EFFORT,
-    full_range: bool = flags.FULL_RANGE,
+    target_cpu: str = flags.TARGET_CPU,
     trust_pickle: bool = flags.TRUST_PICKLE,
     top: int = typer.Option(15, "--top", help="Show the N worst layers of each table (0: all)."),
     json_out: bool = flags.JSON,
@@ -53,7 +53,7 @@ def inspect(
                          trust_pickle=trust_pickle, progress=progress, input_range=flags.parse_range(input_range),
                          wbits=wbits, abits=abits, method=method,
                          ranges=ranges, images=images, iterations=iterations, batch_size=batch_size, seed=seed,
-                         device=device, full_range=full_range, keep_first_last=keep_first_last,
+                         device=device, target_cpu=target_cpu, keep_first_last=keep_first_last,
                          keep_depthwise=keep_depthwise, reconstruct=reconstruct, effort=effort)
     if json_out:
         print_json(report)

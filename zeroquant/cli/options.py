@@ -36,10 +36,13 @@ KEEP_DEPTHWISE = typer.Option(8, "--keep-depthwise", help="Least weight bits of 
                                                           "their bits).")
 RECONSTRUCT = typer.Option("auto", "--reconstruct", help="Block reconstruction (learned rounding and step sizes): "
                                                          "auto (below 8 bits), on or off.")
-ROUNDING = typer.Option("nearest", "--rounding", help="Weight rounding: nearest, or gptq (second-order: each "
-                                                        "weight's error compensated by the others, per layer).")
+ROUNDING = typer.Option("auto", "--rounding", help="Weight rounding: gptq (second-order: each weight's error "
+                                                     "compensated by the others, per layer), nearest, or auto "
+                                                     "(gptq below 8 bits, nearest at 8: see the ablation).")
 EFFORT = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough.")
-FULL_RANGE = typer.Option(False, "--full-range", help="Full int8 weight grid (CPUs with VNNI only).")
+TARGET_CPU = typer.Option("auto", "--target-cpu", help="The CPU the file runs on: int32-dot (x86 VNNI or AMX, ARM dot "
+                                                      "product): full int8 weights; portable: 7-bit weights, safe "
+                                                      "on AVX2 / AVX-512 without VNNI too; auto: as this CPU.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Distil (and measure sensitivity) again even if cached.")
 TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code).")
 WBITS_CHOICES = typer.Option("2,3,4,5,6,8", "--wbits-choices", help="Candidate weight bits per layer (--budget).")

@@ -35,7 +35,7 @@ def pareto(
     device: str = flags.DEVICE,
     keep_first_last: int = typer.Option(8, "--keep-first-last", help="Least bits of the first and last layer, as "
                                                                     "quantize pins them (0: searched like the rest)."),
-    full_range: bool = flags.FULL_RANGE,
+    target_cpu: str = flags.TARGET_CPU,
     no_cache: bool = flags.NO_CACHE,
     trust_pickle: bool = flags.TRUST_PICKLE,
     workers: int = flags.WORKERS,
@@ -53,7 +53,7 @@ def pareto(
                      wbits_choices=flags.parse_choices(wbits_choices),
                      abits=abits, objective=objective, budget=budget, method=method, ranges=ranges, images=images,
                      iterations=iterations, batch_size=batch_size, seed=seed, device=device,
-                     keep_first_last=keep_first_last, full_range=full_range, cache=not no_cache)
+                     keep_first_last=keep_first_last, target_cpu=target_cpu, cache=not no_cache)
     if not is_main_process():
         return
     if json_out:

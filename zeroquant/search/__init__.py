@@ -14,7 +14,7 @@ import torch
 from zeroquant.distributed import Workers
 from zeroquant.progress import SILENT, Progress
 from zeroquant.quant.calibrate import calibrate
-from zeroquant.quant.gptq import gptq
+from zeroquant.quant.gptq import gptq, uses_gptq
 from zeroquant.quant.plan import first_and_last, keep_first_last
 from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.search.pareto import Frontier, Problem, frontier
@@ -77,9 +77,10 @@ def measure(found: Search, calib_images: torch.Tensor, held_out: torch.Tensor, r
     for config in configs:
         for name, bits in config.items():
             sim.layers[name].set_bits(bits)
-        if rounding == "gptq":
+        second_order = [name for name, layer in sim.layers.items() if uses_gptq(rounding, layer.bits)]
+        if second_order:
             sim.set_enabled(weights=True, activations=True)
-            gptq(sim, calib_images)
+            gptq(sim, calib_images, second_order)
         row = {}
         for label, activations in (("weights_only", False), ("with_activations", True)):
             sim.set_enabled(weights=True, activations=activations)

@@ -20,10 +20,10 @@ from zeroquant.distributed import Workers
 from zeroquant.errors import OutputError
 from zeroquant.files import cache_root, write_atomic
 from zeroquant.progress import SILENT, Progress
-from zeroquant.quant.gptq import hessian, round_layer
+from zeroquant.quant.gptq import hessian, round_layer, uses_gptq
 from zeroquant.quant.sim import QuantSim, as_outputs
 
-FORMAT = 1
+FORMAT = 2  # 2: GPTQ leaves poorly sampled layers to nearest rounding
 MEMORY_BUDGET = 1 << 30  # bytes of kept activations per chunk of images
 
 
@@ -77,7 +77,8 @@ def layer_sensitivity(sim: QuantSim, images: torch.Tensor, choices, progress: Pr
     names = list(sim.layers)
     rows = list(range(len(names))) if rows is None else rows
     table = {row: np.zeros(k) for row in rows}
-    decided = _gptq_choices(sim, images, choices, [names[row] for row in rows], progress) if rounding == "gptq" \
+    second_order = [bits for bits in choices if uses_gptq(rounding, bits)]
+    decided = _gptq_choices(sim, images, second_order, [names[row] for row in rows], progress) if second_order \
         else {}
     keep = Interpreter(sim.graph_module, garbage_collect_values=False)
     with torch.no_grad():

@@ -3,14 +3,15 @@ benchmarks/RESULTS.md (and SUITE.json):
 
 - lowbit: ZeroQ vs Genie distillation, min-max calibration only vs block reconstruction, W4A4 / W4A8, and mixed
   precision at an average-bits budget (issues 3 and 4);
+- rounding: nearest vs GPTQ rounding, alone and as reconstruction's start, x distillation method (issue 13);
 - ablation: the W8A8 default with one ingredient changed per row (calibration data, range method, bias correction,
-  cross-layer equalization, weight grid, learned rounding), on ResNet-20 and EfficientNet-Lite0 (issue 7).
+  cross-layer equalization, weight grid, GPTQ or learned rounding), on ResNet-20 and EfficientNet-Lite0.
 
 Each model and distillation method is distilled once from scratch (its time is reported on its own) and every variant
 calibrates on those images. Besides accuracy it measures how often the exported ONNX model's top-1 equals the PyTorch
 fake-quant simulation's on the evaluation images, which is what the export must preserve.
 
-    python benchmarks/accuracy.py lowbit|ablation [--models resnet20_cifar10,...] [--limit N]
+    python benchmarks/accuracy.py lowbit|rounding|ablation [--models resnet20_cifar10,...] [--limit N]
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _lowbit(effort: str) -> list[Variant]:
 
 def _ablation(extra: tuple[Variant, ...] = ()) -> list[Variant]:
     """The W8A8 default, then one ingredient changed per row."""
-    return [Variant("default (zeroq, mse ranges, bias correction auto)"),
+    return [Variant("default (zeroq, mse ranges, bias correction auto, rounding auto, --target-cpu auto)"),
             Variant("calibration: Gaussian noise", (("method", "noise"),)),
             Variant("calibration: genie", (("method", "genie"),)),
             *(Variant(f"ranges: {m}", (("ranges", m),)) for m in ("minmax", "percentile", "analytic", "auto")),
@@ -73,8 +74,19 @@ def _ablation(extra: tuple[Variant, ...] = ()) -> list[Variant]:
             Variant("bias correction off", (("bias_correction", "off"),)),
             Variant("bias correction analytic (BN statistics)", (("bias_correction", "analytic"),)),
             Variant("cross-layer equalization on", (("equalize", True),)),
-            Variant("full int8 weight grid (no reduce_range)", (("full_range", True),)),
+            Variant("weight grid: --target-cpu portable (7-bit, safe without VNNI)", (("target_cpu", "portable"),)),
+            Variant("weight grid: --target-cpu int32-dot (full int8)", (("target_cpu", "int32-dot"),)),
+            Variant("rounding: gptq at 8 bits too", (("rounding", "gptq"),)),
             *extra]
+
+
+def _rounding_r20() -> list[Variant]:
+    """Nearest vs second-order rounding, each alone and as the start of block reconstruction (AdaRound-style learned
+    rounding), with ZeroQ and Genie images."""
+    return [Variant(f"{method} W4A4 {rounding}{' + reconstruction' if recon else ', calibration only'}",
+                    (("method", method), ("wbits", 4), ("abits", 4), ("rounding", rounding),
+                     ("reconstruct", "on" if recon else "off")))
+            for method in ("zeroq", "genie") for recon in (False, True) for rounding in ("nearest", "gptq")]
 
 
 SUITES = {
@@ -90,6 +102,15 @@ SUITES = {
             Variant("zeroq W4A8 reconstructed (fast)", (("wbits", 4), ("effort", "fast"))),
             Variant("zeroq mixed 5.0 bits A8 calibration only", (("reconstruct", "off"),), budget="5.0"),
             Variant("zeroq mixed 5.0 bits A8 reconstructed (fast)", (("effort", "fast"),), budget="5.0")],
+    },
+    "rounding": {
+        "resnet20_cifar10": _rounding_r20(),
+        "efficientnet_lite0": [
+            Variant("zeroq W4A8 nearest, calibration only", (("wbits", 4), ("rounding", "nearest"),
+                                                             ("reconstruct", "off"))),
+            Variant("zeroq W4A8 gptq, calibration only", (("wbits", 4), ("rounding", "gptq"), ("reconstruct", "off"))),
+            Variant("zeroq mixed 5.0 bits A8 gptq, calibration only", (("reconstruct", "off"),), budget="5.0"),
+            Variant("zeroq mixed 4.0 bits A8 gptq, calibration only", (("reconstruct", "off"),), budget="4.0")],
     },
     "ablation": {
         "resnet20_cifar10": _ablation((Variant("learned rounding at 8 bits (reconstruct on)",
@@ -156,7 +177,7 @@ def _average_bits(sim) -> float:
     return round(sum(layer.weight.numel() * layer.bits for layer in layers) / sum(l.weight.numel() for l in layers), 2)
 
 
-SIM_CHECKED = {"lowbit"}  # suites that also run the simulation on the evaluation set (about 1 min per Lite0 row)
+SIM_CHECKED = {"lowbit", "rounding"}  # suites that also run the simulation on the evaluation set (about 1 min per Lite0 row)
 
 
 def _or_dash(value) -> str:
@@ -164,6 +185,7 @@ def _or_dash(value) -> str:
 
 
 TITLES = {"lowbit": "Low-bit and mixed precision: ZeroQ vs Genie, calibration only vs reconstruction",
+          "rounding": "Rounding: nearest vs second-order (GPTQ), alone and before reconstruction",
           "ablation": "Ablation: each W8A8 ingredient changed alone"}
 
 

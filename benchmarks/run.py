@@ -176,8 +176,9 @@ def markdown(results: dict) -> str:
         "distillation, ORT includes quant_pre_process and calibration).", "",
         "ORT static uses QDQ, per-channel int8 weights, uint8 activations, MinMax. On CPUs without VNNI onnxruntime's "
         "u8s8 kernels can saturate int16 intermediate sums with full-range int8 weights; the reduce_range row "
-        "(7-bit weights) shows how much of ORT's accuracy loss comes from that. zeroquant's default uses a 7-bit "
-        "weight grid for non-depthwise layers for the same reason.", "",
+        "(7-bit weights) shows how much of ORT's accuracy loss comes from that. zeroquant's default "
+        "(--target-cpu auto) uses the full int8 grid on CPUs with VNNI, AMX or ARM dot products and a 7-bit grid "
+        "for non-depthwise layers elsewhere; the machine line says which this run's CPU is.", "",
     ]
     for name, model in results["models"].items():
         run = model["run"]

@@ -81,12 +81,15 @@ def _ablation(extra: tuple[Variant, ...] = ()) -> list[Variant]:
 
 
 def _rounding_r20() -> list[Variant]:
-    """Nearest vs second-order rounding, each alone and as the start of block reconstruction (AdaRound-style learned
-    rounding), with ZeroQ and Genie images."""
-    return [Variant(f"{method} W4A4 {rounding}{' + reconstruction' if recon else ', calibration only'}",
-                    (("method", method), ("wbits", 4), ("abits", 4), ("rounding", rounding),
-                     ("reconstruct", "on" if recon else "off")))
-            for method in ("zeroq", "genie") for recon in (False, True) for rounding in ("nearest", "gptq")]
+    """Nearest vs second-order rounding, each alone and (ZeroQ images) as the start of block reconstruction
+    (AdaRound-style learned rounding), with ZeroQ and Genie images; then W4A8 and mixed 4.0 bits with GPTQ."""
+    return [*(Variant(f"{method} W4A4 {rounding}{' + reconstruction' if recon else ', calibration only'}",
+                      (("method", method), ("wbits", 4), ("abits", 4), ("rounding", rounding),
+                       ("reconstruct", "on" if recon else "off")))
+              for method, recon in (("zeroq", False), ("genie", False), ("zeroq", True))
+              for rounding in ("nearest", "gptq")),
+            Variant("zeroq W4A8 gptq, calibration only", (("wbits", 4), ("rounding", "gptq"), ("reconstruct", "off"))),
+            Variant("zeroq mixed 4.0 bits A8 gptq, calibration only", (("reconstruct", "off"),), budget="4.0")]
 
 
 SUITES = {

@@ -1,7 +1,7 @@
 """Scale-out: the same jobs with 1 and with N processes (`--workers N`, gloo on the CPU, or torchrun on GPUs), timed
-from outside, each from an empty cache: EfficientNet-Lite0's distillation (32 images, 224 px) and a ResNet-20 W4A4
-quantize with block reconstruction. Also checks that the W8A8 files are byte-identical. Writes the scaling section
-of benchmarks/RESULTS.md.
+from outside, each from an empty cache: EfficientNet-Lite0's distillation (32 images, 224 px), a ResNet-20 W8A8 and
+a ResNet-20 W4A4 quantize with GPTQ and block reconstruction (fast effort). Also checks that the W8A8 files are
+byte-identical. Writes the scaling section of benchmarks/RESULTS.md.
 
     python benchmarks/scaling.py [--workers 2] [--device cpu]
 """
@@ -26,9 +26,9 @@ ZEROQUANT = Path(sys.executable).with_name("zeroquant")
 JOBS = {  # label: arguments after the command, and what the job measures
     "Lite0 distillation (32 images, 224 px, 50 steps)": ["distill", "zoo:efficientnet_lite0", "-o", "{out}/calib.pt"],
     "ResNet-20 W8A8 quantize": ["quantize", "zoo:resnet20_cifar10", "-o", "{out}/w8a8.onnx"],
-    "ResNet-20 W4A4 quantize (GPTQ + reconstruction, default effort)": [
+    "ResNet-20 W4A4 quantize (GPTQ + reconstruction, fast effort)": [
         "quantize", "zoo:resnet20_cifar10", "-o", "{out}/w4a4.onnx", "--wbits", "4", "--abits", "4",
-        "--rounding", "gptq"],
+        "--effort", "fast"],
 }
 
 
@@ -46,11 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", help="run only the jobs whose label contains this text")
     parser.add_argument("--output", type=Path, default=HERE)
     args = parser.parse_args(argv)
     run = provenance()
     rows, digests = [], {}
-    for label, job in JOBS.items():
+    for label, job in ((label, job) for label, job in JOBS.items() if not args.only or args.only in label):
         seconds = {}
         for workers in (1, args.workers):
             with tempfile.TemporaryDirectory() as folder:

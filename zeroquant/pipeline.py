@@ -33,7 +33,7 @@ from zeroquant.progress import Progress
 from zeroquant.quant.bias_correction import correct_biases
 from zeroquant.quant.calibrate import calibrate
 from zeroquant.quant.equalize import equalize
-from zeroquant.quant.gptq import gptq, uses_gptq
+from zeroquant.quant.gptq import gptq, gptq_layers
 from zeroquant.quant.plan import keep_depthwise, keep_first_last
 from zeroquant.quant.reconstruct import reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
@@ -277,7 +277,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate
     low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
         q.bits < 8 for q in sim.activations.values())
     rounding = []
-    second_order = [name for name, layer in sim.layers.items() if uses_gptq(options.rounding, layer.bits)]
+    second_order = gptq_layers(sim, options.rounding)
     if second_order:
         rounding = gptq(sim, calib.images, second_order, progress=progress)
         lap("rounding")

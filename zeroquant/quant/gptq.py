@@ -51,6 +51,11 @@ def uses_gptq(rounding: str, bits: int) -> bool:
     return rounding == "gptq" or (rounding == "auto" and bits < 8)
 
 
+def gptq_layers(sim: QuantSim, rounding: str) -> list[str]:
+    """The layers of `sim` that the `rounding` option rounds by GPTQ at their current bits."""
+    return [name for name, layer in sim.layers.items() if uses_gptq(rounding, layer.bits)]
+
+
 class _Stop(Exception):
     """Raised by the hook once the layer's inputs are collected: the rest of the network need not run."""
 

@@ -14,7 +14,7 @@ import torch
 from zeroquant.distributed import Workers
 from zeroquant.progress import SILENT, Progress
 from zeroquant.quant.calibrate import calibrate
-from zeroquant.quant.gptq import gptq, uses_gptq
+from zeroquant.quant.gptq import gptq, gptq_layers
 from zeroquant.quant.plan import first_and_last, keep_first_last
 from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.search.pareto import Frontier, Problem, frontier
@@ -77,7 +77,7 @@ def measure(found: Search, calib_images: torch.Tensor, held_out: torch.Tensor, r
     for config in configs:
         for name, bits in config.items():
             sim.layers[name].set_bits(bits)
-        second_order = [name for name, layer in sim.layers.items() if uses_gptq(rounding, layer.bits)]
+        second_order = gptq_layers(sim, rounding)
         if second_order:
             sim.set_enabled(weights=True, activations=True)
             gptq(sim, calib_images, second_order)

@@ -119,4 +119,6 @@ def _fail(exc: Exception, message: str, code: int) -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    from zeroquant.distributed import exit_process
+
+    exit_process(main())

@@ -137,3 +137,25 @@ def test_torchvision_families_quantize_to_integer_kernels(name, tmp_path):
     assert census["integer_mac_fraction"] >= 0.99 and census["float_ops"] == {}, census
     written = json.loads((tmp_path / "m.onnx.json").read_text())
     assert written["float_ops"] == [] and onnx.load(tmp_path / "m.onnx").graph.output[0].name == "logits"
+
+
+class TokenLinear(nn.Module):
+    """A conv feature map read as tokens by a Linear, as MobileViT's transformer blocks do ([batch, tokens, C])."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.mix = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        tokens = self.mix(x.flatten(2).transpose(1, 2))
+        return tokens.mean(1)
+
+
+def test_linear_over_tokens_gets_its_bias_corrected():
+    """Bias correction measured a Linear's shift per token as well as per channel ([tokens, C] into a [C] bias):
+    mobilevit_xxs crashed with 'output with shape [192] doesn't match the broadcast shape [64, 192]'."""
+    model = populated(TokenLinear(), (3, 16, 16))
+    result = zeroquant.quantize(model, input_shape=(3, 16, 16), bias_correction="on", **FAST)
+    assert result.report.parity["relative_max_diff"] < 0.02

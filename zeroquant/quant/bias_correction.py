@@ -14,12 +14,13 @@ from zeroquant.quant.sim import QuantSim
 
 
 def weight_error_shift(layer, x: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel mean of (W - Q(W)) * x over batch and spatial positions."""
+    """Per-output-channel mean of (W - Q(W)) * x over batch and spatial positions, or over every leading dimension
+    of a linear layer's input (tokens as well as images: [batch, tokens, features] in a ViT block)."""
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     error = layer.weight.detach() - layer.integer_weight() * layer.weight_scale.reshape(shape)
     if layer.kind == "conv":
         return F.conv2d(x, error, None, *layer.conv_args).mean((0, 2, 3))
-    return F.linear(x, error).mean(0)
+    return F.linear(x, error).reshape(-1, len(error)).mean(0)
 
 
 def analytic_shift(layer, input_mean: torch.Tensor) -> torch.Tensor:

@@ -159,3 +159,36 @@ def test_linear_over_tokens_gets_its_bias_corrected():
     model = populated(TokenLinear(), (3, 16, 16))
     result = zeroquant.quantize(model, input_shape=(3, 16, 16), bias_correction="on", **FAST)
     assert result.report.parity["relative_max_diff"] < 0.02
+
+
+class StandardisedConv(nn.Conv2d):
+    """A weight-standardised conv as NF-ResNets (timm nf_resnet26, StdConv2d) write it: F.batch_norm over each
+    output channel's weights in training mode, at every call, with no BatchNorm layer in the network."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+def test_weight_standardised_convs_are_convs_without_batchnorm(tmp_path, capsys):
+    """The batch_norm of a conv's own weights is computed once at capture: an archive of the eval-mode model is not
+    'exported in training mode', distillation says the model has no BatchNorm, and noise calibration quantizes it
+    with every conv in an integer kernel, matching the float model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(StandardisedConv(3, 8, 3, padding=1), nn.ReLU(), StandardisedConv(8, 8, 3, stride=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    archive = tmp_path / "ws.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 16, 16),),
+                                          dynamic_shapes=({0: Dim("batch")},)), archive)
+    assert main(["quantize", str(archive), "-o", str(tmp_path / "ws.onnx")]) == 4
+    assert "no BatchNorm layers" in capsys.readouterr().err
+    result = zeroquant.quantize(archive, tmp_path / "ws.onnx", method="noise", float_output=tmp_path / "fp32.onnx",
+                                **FAST)
+    assert result.report.census["integer_mac_fraction"] == 1.0 and result.report.census["float_ops"] == {}
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16), np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    for path in ("fp32.onnx", "ws.onnx"):
+        got = run_all(session(tmp_path / path), x)[0]
+        assert np.abs(got - expected).max() < (1e-4 if path == "fp32.onnx" else 0.1) * np.abs(expected).max()

@@ -10,6 +10,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from zeroquant.errors import UnsupportedModelError, UsageError
+from zeroquant.graph.constants import fold_parameter_ops
 
 aten = torch.ops.aten
 ASSERTIONS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
@@ -54,6 +55,7 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
         raise UnsupportedModelError(f"torch.export cannot capture the model: {_first_line(exc)}") from exc
     graph_module = exported.module()
     _drop_guards(graph_module)
+    fold_parameter_ops(graph_module)
     _read_batch_size_locally(graph_module)
     return CapturedModel(graph_module, tuple(input_shape), _flat_outputs(graph_module, exported.call_spec.out_spec))
 

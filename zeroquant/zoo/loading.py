@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from zeroquant.errors import ModelLoadError, UnsupportedModelError, UsageError
+from zeroquant.graph.constants import depends_on_input
 from zeroquant.zoo.architectures import ARCHITECTURES
 from zeroquant.zoo.registry import Preprocessing, ZooEntry, zoo_entries, zoo_entry
 
@@ -170,13 +171,13 @@ def _from_export(path: Path) -> LoadedModel:
 
 
 def _from_program(program: torch.export.ExportedProgram, name: str, digest: str) -> LoadedModel:
-    training = _training_nodes(program.graph)
+    module = program.module()  # parameters are get_attr nodes here, not inputs as in program.graph
+    training = _training_nodes(module.graph)
     if training:
         raise UnsupportedModelError(
             f"{name} was exported in training mode (node {training[0]} uses batch statistics or dropout)",
             "call model.eval() before torch.export.export",
         )
-    module = program.module()
     # module() makes train()/eval() raise; the graph is fixed in eval form (checked above), so the flag-only
     # nn.Module versions are safe and let callers treat it like any other module.
     del module.train, module.eval
@@ -185,10 +186,12 @@ def _from_program(program: torch.export.ExportedProgram, name: str, digest: str)
 
 
 def _training_nodes(graph: torch.fx.Graph) -> list[str]:
-    """Ops called with training=True (batch_norm, dropout): an exported graph cannot be switched to eval()."""
+    """Ops called with training=True (batch_norm, dropout) on the input's data: an exported graph cannot be switched
+    to eval(). A batch_norm of parameters alone (weight standardisation) is no training-mode layer."""
     found = []
     for node in graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) or \
+                not depends_on_input(node):
             continue
         for i, arg in enumerate(node.target._schema.arguments):
             if arg.name in ("training", "train"):

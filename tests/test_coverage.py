@@ -192,3 +192,35 @@ def test_weight_standardised_convs_are_convs_without_batchnorm(tmp_path, capsys)
     for path in ("fp32.onnx", "ws.onnx"):
         got = run_all(session(tmp_path / path), x)[0]
         assert np.abs(got - expected).max() < (1e-4 if path == "fp32.onnx" else 0.1) * np.abs(expected).max()
+
+
+class LinearNorms(nn.Module):
+    """BatchNorm after Linear layers: BatchNorm1d on [batch, features] and, as LeViT writes it, on the tokens of
+    [batch, tokens, features] flattened to [batch * tokens, features]."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.mix, self.mix_bn = nn.Linear(16, 32), nn.BatchNorm1d(32)
+        self.head, self.head_bn = nn.Linear(32, 10), nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        mixed = self.mix(tokens)
+        tokens = self.mix_bn(mixed.flatten(0, 1)).reshape_as(mixed)
+        return self.head_bn(self.head(F.relu(tokens).mean(1)))
+
+
+def test_batchnorm_after_linear_is_folded_into_it(tmp_path):
+    """No float BatchNormalization is left (issue 22: LeViT kept 47), and the file matches the float model."""
+    model = populated(LinearNorms(), (3, 16, 16))
+    result = zeroquant.quantize(model, tmp_path / "l.onnx", input_shape=(3, 16, 16),
+                                float_output=tmp_path / "fp32.onnx", **FAST)
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(tmp_path / "l.onnx").graph.node}
+    assert "BatchNormalization" not in result.report.census["float_ops"]
+    x = np.random.default_rng(0).standard_normal((16, 3, 16, 16), np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert np.abs(run_all(session(tmp_path / "fp32.onnx"), x)[0] - expected).max() < 1e-4 * np.abs(expected).max()
+    got = run_all(session(tmp_path / "l.onnx"), x)[0]
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()

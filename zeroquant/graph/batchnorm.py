@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zeroquant.graph.ops import Role, attribute_value, layer_name, role
+from zeroquant.graph.ops import Role, aten, attribute_value, layer_name, role
 
 
 @dataclass
@@ -44,7 +44,8 @@ def batchnorm_stats(graph_module: torch.fx.GraphModule) -> list[BatchNormStats]:
 
 
 def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
-    """A copy with every BN that directly follows a conv/linear (its only user) folded into that layer's weights, and
+    """A copy with every BN that directly follows a conv/linear (its only user; for a linear, maybe through reshapes
+    of its leading dimensions) folded into that layer's weights, and
     every other BN of an image tensor (pre-activation BN, as in DenseNet: BN -> ReLU -> conv, after a concat) turned
     into the depthwise 1x1 conv it equals, which onnxruntime runs as an integer QLinearConv with the ReLU absorbed.
 
@@ -53,8 +54,8 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
     gm = copy.deepcopy(graph_module)
     unfolded = 0
     for node in batchnorm_nodes(gm):
-        producer = node.args[0]
-        if not (isinstance(producer, torch.fx.Node) and role(producer) is Role.WEIGHTED and len(producer.users) == 1):
+        producer = _folding_target(node)
+        if producer is None:
             unfolded += 1
             _as_depthwise_conv(gm, node)
             continue
@@ -79,12 +80,49 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
         producer.args = tuple(args)
         # the layer's output on the training data, per channel: mean beta, std |gamma| (ranges.ChannelGaussians)
         producer.meta["bn_output"] = (beta.detach().float().clone(), gamma.detach().abs().float().clone())
-        node.replace_all_uses_with(producer)
+        node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, unfolded
+
+
+MERGES = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _folding_target(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The conv/linear whose output channels this BN normalises, with no other reader: the op right before it, or a
+    linear whose [..., C] output reaches a 2-D BN as [N, C] through reshapes that only merge leading dimensions
+    (LeViT's BatchNorm1d over batch and tokens after each Linear)."""
+    source = node.args[0]
+    while isinstance(source, torch.fx.Node) and source.target in MERGES and _value_readers(source) == 1 and \
+            _rank(node.args[0]) == 2 and _last_dim(source) == _last_dim(source.args[0]):
+        source = source.args[0]
+    if not (isinstance(source, torch.fx.Node) and role(source) is Role.WEIGHTED and _value_readers(source) == 1):
+        return None
+    if source is not node.args[0] and source.target != aten.linear.default:
+        return None  # a conv's channels are not the last dimension: a reshape would mix them
+    return source
+
+
+SHAPE_OF_SECOND = {aten.reshape_as.default, aten.view_as.default, aten.expand_as.default}
+
+
+def _value_readers(node: torch.fx.Node) -> int:
+    """Users that read the node's values, not only its shape (x.reshape_as(node), node.size(0))."""
+    return sum(1 for user in node.users if user.target is not aten.sym_size.int and
+               not (user.target in SHAPE_OF_SECOND and user.args[0] is not node))
+
+
+def _rank(node) -> int | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def _last_dim(node) -> int | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else None
 
 
 def _as_depthwise_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:

@@ -224,3 +224,33 @@ def test_batchnorm_after_linear_is_folded_into_it(tmp_path):
     assert np.abs(run_all(session(tmp_path / "fp32.onnx"), x)[0] - expected).max() < 1e-4 * np.abs(expected).max()
     got = run_all(session(tmp_path / "l.onnx"), x)[0]
     assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+
+
+class Gate(nn.Module):
+    """An SE-style hardsigmoid gate over a conv whose output is exactly 0 wherever the image is: hardsigmoid(0) =
+    0.5, half way between two steps of the [0, 1] / 255 grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False),
+                                  nn.Hardsigmoid())
+        self.value = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.value(x) * self.gate(x))
+
+
+def test_hardsigmoid_of_zero_is_no_rounding_tie():
+    """fbnetv3_b's divergence: onnxruntime's QLinearAdd rounded hardsigmoid(0) = 127.5 steps down, the simulation
+    up, on every element at the zero point. The gate's grid now holds 0.5 exactly and the file equals the
+    simulation."""
+    torch.manual_seed(0)
+    model = populated(Gate(), (3, 16, 16))
+    model.gate[1].running_mean.zero_()
+    model.gate[1].running_var.fill_(1e-2)  # exactly 0 on a zero image; beyond +-3 (saturated) on most others
+    images = torch.randn(16, 3, 16, 16)
+    images[:, :, :8] = 0.0
+    result = zeroquant.quantize(model, input_shape=(3, 16, 16), calibration=images)
+    assert result.report.census["float_ops"] == {}
+    assert result.report.parity["max_abs_logit_diff"] == 0.0, result.report.parity

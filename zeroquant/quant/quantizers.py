@@ -7,6 +7,8 @@ int32 grid of input_scale * weight_scale, as onnxruntime's integer kernels add i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,8 @@ class ActivationQuantizer(nn.Module):
         self.prior = None  # ranges.ChannelGaussians: the tensor's distribution on the training data, where known
         self.learned_scale: nn.Parameter | None = None
         self.drop_prob = 0.0
+        # a value the grid must hold exactly: 0.5 after a hardsigmoid, its value wherever its input is 0 (see anchored)
+        self.on_grid: float | None = None
 
     def start_learning(self, drop_prob: float) -> nn.Parameter:
         self.learned_scale = nn.Parameter(torch.tensor([self.scale]))
@@ -55,11 +59,21 @@ class ActivationQuantizer(nn.Module):
         return self.learned_scale
 
     def stop_learning(self) -> None:
-        self.scale = float(self.learned_scale.detach().abs().clamp_min(1e-8))
+        self.scale = self.anchored(float(self.learned_scale.detach().abs().clamp_min(1e-8)))
         self.learned_scale, self.drop_prob = None, 0.0
 
     def set_range(self, low: float, high: float) -> None:
-        self.scale, self.zero_point = activation_qparams(low, high, self.bits)
+        scale, self.zero_point = activation_qparams(low, high, self.bits)
+        self.scale = self.anchored(scale)
+
+    def anchored(self, scale: float) -> float:
+        """The next coarser scale whose grid (zero point 0) holds `on_grid` exactly. On [0, 1] / 255, 0.5 lies half
+        way between 127 and 128: every input at its zero point is a rounding tie, which onnxruntime's QLinearAdd
+        and the simulation break in opposite directions, the same way on every element, so a hardsigmoid gate
+        differed by a step on whole channels (timm fbnetv3_b: 17 % of the logit range between file and simulation)."""
+        if self.on_grid is None or self.zero_point != 0 or scale > self.on_grid:
+            return scale
+        return self.on_grid / math.floor(self.on_grid / scale)
 
     @property
     def range(self) -> tuple[float, float]:

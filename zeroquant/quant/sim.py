@@ -95,6 +95,8 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
             taken.add(name)
             activations[name] = ActivationQuantizer(activation_bits)
             activations[name].prior = output_prior(node)
+            if node.target == aten.hardsigmoid.default:
+                activations[name].on_grid = 0.5
             gm.add_submodule(name, activations[name])
         with graph.inserting_after(node):
             qnode = graph.call_module(name, (node,))

@@ -1,11 +1,12 @@
-"""Coverage: one model of every torchvision family with BatchNorm, plus two segmentation models, through zeroquant
+"""Coverage: one model of every torchvision family with BatchNorm, plus two segmentation models, one of every timm
+family with BatchNorm (CNN-attention hybrids included; timm:NAME) and ultralytics YOLO11n from its YAML, through zeroquant
 (random weights, BN statistics populated by training-mode passes over noise: this checks the graph path and the
 speed, not accuracy). For each: does it quantize, the share of conv/linear MACs in integer kernels, the float ops left
 in onnxruntime's optimised graph, batch-1 latency against the FP32 export and onnxruntime's own quantize_static of it
 (QDQ, per-channel, calibrated on noise), all timed interleaved in one run, quantize time and ONNX-vs-simulation
 parity. Writes the coverage section of benchmarks/RESULTS.md and coverage.json.
 
-    python benchmarks/coverage.py [--models resnet18,...] [--threads 2] [--seconds 20]
+    python benchmarks/coverage.py [--models resnet18,timm:levit_128s,...] [--threads 2] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -37,16 +38,61 @@ CLASSIFIERS = {  # family: (torchvision name, input size)
     "inception_v3": ("inception_v3", 299),
 }
 SEGMENTATION = {"lraspp": ("lraspp_mobilenet_v3_large", 224), "deeplabv3": ("deeplabv3_mobilenet_v3_large", 224)}
+# one model of every timm family that has BatchNorm (hybrids with attention included), the smallest of each; and
+# nf_resnet26 (weight standardisation, no BN: it must get the no-BatchNorm hint)
+TIMM = {f"timm {family}": (f"timm:{name}", 224) for family, name in {
+    "resnet": "resnet18", "resnetv2": "resnetv2_50", "regnet": "regnetx_002", "regnety": "regnety_002",
+    "efficientnet": "efficientnet_b0", "mobilenetv3": "mobilenetv3_small_100", "mobilenetv4": "mobilenetv4_conv_small",
+    "mnasnet": "mnasnet_100", "fbnet": "fbnetv3_b", "tinynet": "tinynet_e", "lcnet": "lcnet_050",
+    "ghostnet": "ghostnet_100", "hardcorenas": "hardcorenas_a", "mixnet": "mixnet_s", "rexnet": "rexnet_100",
+    "densenet": "densenet121", "dla": "dla34", "dpn": "dpn48b", "hrnet": "hrnet_w18_small", "cspnet": "cspresnet50",
+    "darknet": "cspdarknet53", "vovnet": "ese_vovnet19b_dw", "selecsls": "selecsls42b", "res2net": "res2net50_26w_4s",
+    "resnest": "resnest14d", "sknet": "skresnet18", "repvgg": "repvgg_a0", "byobnet": "gernet_s",
+    "byoanet (attention)": "botnet26t_256", "gcresnet (attention)": "gcresnet33ts", "inception_v3": "inception_v3",
+    "xception": "legacy_xception", "senet": "legacy_seresnet18", "vgg": "vgg11_bn", "repghost": "repghostnet_050",
+    "mobileone": "mobileone_s0", "ghostnetv2": "ghostnetv2_100", "hgnet": "hgnetv2_b0", "starnet": "starnet_s1",
+    "efficientvit (attention)": "efficientvit_b0", "levit (attention)": "levit_128s",
+    "mobilevit (attention)": "mobilevit_xxs", "fastvit (attention)": "fastvit_t8", "repvit": "repvit_m0_9",
+    "efficientformer (attention)": "efficientformer_l1", "efficientformerv2 (attention)": "efficientformerv2_s0",
+    "tiny_vit (attention)": "tiny_vit_5m_224", "nextvit (attention)": "nextvit_small",
+    "inception_next": "inception_next_tiny", "nfnet (no BN)": "nf_resnet26"}.items()}
+DETECTION = {"ultralytics yolo11": ("yolo:yolo11n.yaml", 640)}
 PROFILED = ("mobilenet_v3_small", "efficientnet_b0")  # kernel time per layer kind, FP32 vs ORT vs zeroquant
 # random weights: distillation only has to exercise the path, so it is short (the defaults are in the README)
 DISTILL = dict(images=16, batch_size=16, iterations=10)
+
+
+class _Detector(torch.nn.Module):
+    """An ultralytics detection model returning only its decoded boxes and scores ([batch, 4 + classes, anchors])."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _extra_model(name: str) -> torch.nn.Module:
+    """timm:NAME or yolo:CONFIG.yaml, random weights (nothing is downloaded)."""
+    source, _, spec = name.partition(":")
+    if source == "timm":
+        import timm
+
+        return timm.create_model(spec, pretrained=False)
+    from ultralytics.nn.tasks import DetectionModel
+
+    return _Detector(DetectionModel(spec, verbose=False))
 
 
 def build(name: str, size: int) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    if name in {n for n, _ in SEGMENTATION.values()}:
+    if ":" in name:
+        model = _extra_model(name)
+    elif name in {n for n, _ in SEGMENTATION.values()}:
         extra = {"aux_loss": False} if name.startswith("deeplab") else {}
         model = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=21,
                                                                **extra)
@@ -61,7 +107,7 @@ def build(name: str, size: int) -> torch.nn.Module:
 
 
 def run_model(family: str, name: str, size: int, args, progress, log) -> dict:
-    folder = args.workdir / name
+    folder = args.workdir / name.replace(":", "_")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"FP32": folder / "fp32.onnx", "ORT quantize_static": folder / "ort.onnx", "zeroquant": folder / "zq.onnx"}
     row = {"family": family, "model": name, "input": size}
@@ -72,6 +118,8 @@ def run_model(family: str, name: str, size: int, args, progress, log) -> dict:
                                     float_output=paths["FP32"], progress=progress, cache=False, **DISTILL)
     except zeroquant.ZeroQuantError as exc:
         return row | {"ok": False, "error": str(exc)}
+    except Exception as exc:  # a bug in zeroquant: the row says so and the run goes on to the next model
+        return row | {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
     report = result.report
     row |= {"ok": True, "quantize_s": round(time.perf_counter() - clock, 1),
             "integer_mac_fraction": report.census["integer_mac_fraction"], "float_ops": report.census["float_ops"],
@@ -99,7 +147,8 @@ def _ops(ops: dict) -> str:
 
 def markdown(results: dict) -> str:
     run = results["run"]
-    lines = ["## Coverage: every torchvision family with BatchNorm, and two segmentation models", "",
+    lines = ["## Coverage: every torchvision family with BatchNorm, two segmentation models, timm families with "
+             "BatchNorm (hybrids included) and YOLO11n", "",
              *provenance_lines(run), "",
              f"Random weights with BN statistics from 3 training-mode passes over noise (graph path and speed, not "
              f"accuracy); zeroquant W8A8 defaults except a short distillation ({DISTILL['images']} images, "
@@ -137,8 +186,8 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    every = {**CLASSIFIERS, **SEGMENTATION}
-    parser.add_argument("--models", help="comma-separated torchvision names (default: all "
+    every = {**CLASSIFIERS, **SEGMENTATION, **TIMM, **DETECTION}
+    parser.add_argument("--models", help="comma-separated names: torchvision's, timm:NAME, yolo:CONFIG (default: all "
                                          f"{len(every)} families)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--seconds", type=float, default=20.0, help="timing per model (all three variants)")

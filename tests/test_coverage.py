@@ -254,3 +254,19 @@ def test_hardsigmoid_of_zero_is_no_rounding_tie():
     result = zeroquant.quantize(model, input_shape=(3, 16, 16), calibration=images)
     assert result.report.census["float_ops"] == {}
     assert result.report.parity["max_abs_logit_diff"] == 0.0, result.report.parity
+
+
+@pytest.mark.parametrize("name", ["lcnet_050", "mobilevit_xxs"])
+def test_timm_families_quantize(name):
+    """The fast subset of benchmarks/coverage.py's timm section (random weights, populated BN statistics, 64 px): a
+    plain CNN all in integer kernels, and a CNN-attention hybrid (Linear layers on tokens) through with parity."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = populated(timm.create_model(name, pretrained=False), (3, 64, 64), passes=2)
+    result = zeroquant.quantize(model, input_shape=(3, 64, 64), **FAST)
+    census = result.report.census
+    assert result.report.parity["relative_max_diff"] < 0.1
+    if name == "lcnet_050":
+        assert census["integer_mac_fraction"] >= 0.99 and census["float_ops"] == {}, census
+    else:  # attention (MatMul, Softmax) and LayerNorm stay float; every conv and Linear before them is integer
+        assert census["integer_mac_fraction"] >= 0.8 and "BatchNormalization" not in census["float_ops"], census

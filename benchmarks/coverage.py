@@ -83,7 +83,10 @@ def _extra_model(name: str) -> torch.nn.Module:
         return timm.create_model(spec, pretrained=False)
     from ultralytics.nn.tasks import DetectionModel
 
-    return _Detector(DetectionModel(spec, verbose=False))
+    model = DetectionModel(spec, verbose=False)
+    head = model.model[-1]
+    head.export, head.dynamic = True, True  # ultralytics' export mode: one tensor out, anchors for any batch
+    return _Detector(model)
 
 
 def build(name: str, size: int) -> torch.nn.Module:

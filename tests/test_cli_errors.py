@@ -179,6 +179,20 @@ def test_disk_full_while_writing_report(capsys, models, out, monkeypatch):
     assert_failed(result, 6, "No space left on device", out)
 
 
+def test_failed_write_keeps_the_previous_outputs(capsys, models, out, monkeypatch):
+    """A second run whose report cannot be written leaves the first run's files byte for byte."""
+    assert quantize(capsys, models["archive"], out, "--float-output", out / "float.onnx")[0] == 0
+    before = {path: path.read_bytes() for path in out.iterdir()}
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fail_writes_of(monkeypatch, ".model.onnx.json.", disk_full)
+    code, _, stderr = quantize(capsys, models["archive"], out, "--float-output", out / "float.onnx", "--seed", "1")
+    assert code == 6 and "No space left on device" in stderr
+    assert {path: path.read_bytes() for path in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, Interrupted("interrupted; no output was written")])
 def test_interrupt_during_a_stage(capsys, models, out, monkeypatch, error):
     def interrupted(*args, **kwargs):
@@ -189,7 +203,7 @@ def test_interrupt_during_a_stage(capsys, models, out, monkeypatch, error):
 
 
 def test_ctrl_c_while_writing(capsys, models, out, monkeypatch):
-    """A real SIGINT while the report is written: the ONNX file already in place is removed again."""
+    """A real SIGINT while the report is written: nothing is moved into place."""
     # Python's own handler, even where the parent made SIGINT ignored (a job started in the background with `&`)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from zeroquant.errors import ModelLoadError, UsageError
+from zeroquant.errors import ModelLoadError, UsageError, first_line
 
 
 def session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None, spinning: bool = True,
@@ -39,7 +39,7 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = N
                                     disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as e:  # onnxruntime raises its own (unexported) exception types
         raise ModelLoadError(f"onnxruntime cannot load {'the model' if isinstance(model, bytes) else model}: "
-                             f"{str(e).splitlines()[0]}") from e
+                             f"{first_line(e)}") from e
 
 
 def image_input(session: ort.InferenceSession) -> tuple[str, list]:

@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from zeroquant.errors import UnsupportedModelError, UsageError
+from zeroquant.errors import UnsupportedModelError, UsageError, first_line
 
 aten = torch.ops.aten
 ASSERTIONS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
@@ -45,13 +45,13 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
                 "export it with an example batch of 2 and dynamic_shapes=({0: torch.export.Dim('batch')},)",
             ) from exc
         raise UnsupportedModelError(
-            f"the model rejects input shape {','.join(map(str, input_shape))}: {_first_line(exc)}",
+            f"the model rejects input shape {','.join(map(str, input_shape))}: {first_line(exc)}",
             "pass the right --input-shape C,H,W",
         ) from exc
     try:
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
     except Exception as exc:
-        raise UnsupportedModelError(f"torch.export cannot capture the model: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"torch.export cannot capture the model: {first_line(exc)}") from exc
     graph_module = exported.module()
     _drop_guards(graph_module)
     _read_batch_size_locally(graph_module)
@@ -161,8 +161,3 @@ def _read_batch_size_locally(graph_module: torch.fx.GraphModule) -> None:
 def _batch_leading(tensor_node: torch.fx.Node, size_node: torch.fx.Node) -> bool:
     value, size = tensor_node.meta.get("val"), size_node.meta.get("val")
     return isinstance(value, torch.Tensor) and value.dim() > 0 and str(value.shape[0]) == str(size)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

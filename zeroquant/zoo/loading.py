@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zeroquant.errors import ModelLoadError, UnsupportedModelError, UsageError
+from zeroquant.errors import ModelLoadError, UnsupportedModelError, UsageError, first_line
 from zeroquant.zoo.architectures import ARCHITECTURES
 from zeroquant.zoo.registry import Preprocessing, ZooEntry, zoo_entries, zoo_entry
 
@@ -328,6 +328,4 @@ def _sha256(path: Path) -> str:
 
 def _one_line(error: BaseException) -> str:
     """The first sentence of the first line: library errors go on to paragraphs of advice that is not ours."""
-    lines = str(error).strip().splitlines()
-    sentence = re.split(r"(?<=\.) ", lines[0])[0] if lines else ""
-    return f"{type(error).__name__}: {sentence}"[:200]
+    return f"{type(error).__name__}: {re.split(r'(?<=[.]) ', first_line(error))[0]}"[:200]

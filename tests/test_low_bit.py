@@ -53,7 +53,7 @@ def test_a_batch_size_read_from_the_input_does_not_merge_all_blocks():
 def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
     monkeypatch.setitem(EFFORTS, "fast", Effort(40, 16))
     out = tmp_path / "w4a4.onnx"
-    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None)
     report = quantize(loaded, out, options=QuantizeOptions(wbits=4, abits=4, **FAST)).report
     assert report.reconstruction, "reconstruction runs by default below 8 bits"
     assert all(b["mse_after"] <= b["mse_before"] for b in report.reconstruction), report.reconstruction
@@ -76,7 +76,7 @@ def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
 
 def test_pack_int4_shrinks_the_file_and_keeps_the_integer_kernels(tmp_path, monkeypatch):
     monkeypatch.setitem(EFFORTS, "fast", Effort(5, 16))
-    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None)
     options = dict(wbits=4, abits=8, keep_first_last=0, keep_depthwise=0, **FAST)
     plain = quantize(loaded, tmp_path / "int8.onnx", options=QuantizeOptions(**options)).report
     packed = quantize(loaded, tmp_path / "int4.onnx", options=QuantizeOptions(**options, pack_int4=True)).report

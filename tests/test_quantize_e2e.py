@@ -20,7 +20,7 @@ FAST = dict(images=8, batch_size=8, iterations=5)
 
 
 def loaded_small_net() -> LoadedModel:
-    return LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+    return LoadedModel(make_small_net(), "small", (3, 16, 16), None, None)
 
 
 def test_small_net_quantizes_to_integer_kernels(tmp_path):

@@ -100,7 +100,7 @@ def distill_set(job: Job, seed: int | None = None, images: int | None = None) ->
                                options.iterations or calibration_sets.default_iterations(job.shape), options.lr,
                                options.seed if seed is None else seed)
     return calibration_sets.distill(job.graph_module, job.shape, options.method, settings,
-                                    resolve_device(options.device), job.loaded.digest, options.cache, job.progress,
+                                    resolve_device(options.device), job.captured.digest, options.cache, job.progress,
                                     job.workers)
 
 
@@ -127,7 +127,7 @@ def _calibration(job: Job, calibration) -> tuple[CalibSet, bool]:
 def _search(job: Job, folded: torch.fx.GraphModule, calib: CalibSet):
     options = job.options
     return search(folded, calib.images, job.shape, options.wbits_choices, options.objective, options.abits,
-                  options.keep_first_last, options.reduce_range, job.loaded.digest, options.cache, job.progress,
+                  options.keep_first_last, options.reduce_range, job.captured.digest, options.cache, job.progress,
                   job.workers, options.rounding)
 
 

@@ -107,3 +107,13 @@ def test_reconstruction_keeps_relu6_grids_within_6(monkeypatch):
     after_relu6[0].set_range(0.0, 9.0)  # as if a step size had been learned too large
     reconstruct(sim, images, "fast")
     assert after_relu6[0].range[1] <= 6.0 + 1e-6
+
+
+def test_explicit_bits_of_the_first_and_last_layers_are_kept(tmp_path):
+    """keep_first_last raised layer_bits' choice for them to 8 without a word; an explicit choice wins, and says so."""
+    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None)
+    report = quantize(loaded, options=QuantizeOptions(layer_bits={"stem_0": 4, "head": 3, "branch_0": 5},
+                                                      **FAST)).report
+    bits = {layer.name: layer.weight_bits for layer in report.layers}
+    assert (bits["stem.0"], bits["head"], bits["branch.0"]) == (4, 3, 5), bits
+    assert any("except the weights of head, stem_0" in note for note in report.notes), report.notes

@@ -34,7 +34,7 @@ from zeroquant.quant.bias_correction import correct_biases
 from zeroquant.quant.calibrate import calibrate
 from zeroquant.quant.equalize import equalize
 from zeroquant.quant.gptq import gptq, gptq_layers
-from zeroquant.quant.plan import keep_depthwise, keep_first_last
+from zeroquant.quant.plan import first_and_last, keep_depthwise, keep_first_last
 from zeroquant.quant.reconstruct import reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.report import LayerReport, QuantizeReport, QuantizeResult
@@ -266,7 +266,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate
             raise UsageError(f"layer_bits names an unknown layer '{name}'", f"layers: {', '.join(sim.layers)}")
         sim.layers[name].set_bits(bits)
     kept_depthwise = 0 if layer_bits else keep_depthwise(sim, options.keep_depthwise)  # a budget sets them
-    keep_first_last(sim, options.keep_first_last)
+    keep_first_last(sim, options.keep_first_last, frozenset(layer_bits))
     known_range, source = input_range(job)
     with progress.stage("calibrate"):
         calibrate(sim, calib.images, options.ranges, input_range=known_range)
@@ -292,8 +292,11 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate
                                      workers=job.workers)
         lap("reconstruct")
     if options.keep_first_last and low_bit:
+        given = sorted(name for name in first_and_last(sim) if layer_bits.get(name, 8) < options.keep_first_last)
         notes.append(f"the first and last layers and their inputs stay at {options.keep_first_last} bits "
-                     "(--keep-first-last 0 quantizes them like the rest)")
+                     "(--keep-first-last 0 quantizes them like the rest)" +
+                     (f", except the weights of {', '.join(given)}: they keep the bits layer_bits gives them"
+                      if given else ""))
     if kept_depthwise:
         notes.append(f"{kept_depthwise} depthwise conv(s) keep {options.keep_depthwise}-bit weights: they hold few "
                      "weights but lose the most at low bits (--keep-depthwise 0 quantizes them like the rest)")

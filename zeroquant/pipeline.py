@@ -11,11 +11,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import onnx
 import torch
 
 from zeroquant import calib as calibration_sets
 from zeroquant.calib import CalibSet, DistillSettings
 from zeroquant.calib.preview import check_channels, grid_png
+from zeroquant.cpu import WEIGHT_GRID, grid_warning
 from zeroquant.device import resolve_device
 from zeroquant.distributed import Workers, current
 from zeroquant.errors import UsageError, VerificationError
@@ -318,6 +320,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
         model = to_onnx(integer_model(sim), job.shape, job.captured.output_names)
         low = {f"{name}.weight" for name, layer in sim.layers.items() if options.pack_int4 and layer.bits <= 4}
         packed = pack_int4(model, low) if low else 0
+        onnx.helper.set_model_props(model, {WEIGHT_GRID: options.weight_grid(), "zeroquant.target_cpu":
+                                            options.target_cpu})
     lap("export")
     with job.progress.stage("verify"):
         verify.check(model)  # a model onnx or onnxruntime refuses is a VerificationError; anything else, a bug
@@ -338,6 +342,9 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
         notes.append(f"{packed} layer(s) store INT4 weights (--pack-int4), widened to int8 by a Cast that "
                      "onnxruntime folds when it loads the file: they still run in integer kernels")
     notes.append(options.weight_grid_note())
+    mismatch = grid_warning(options.weight_grid())
+    if mismatch:
+        notes.append(f"warning: {mismatch}")
     report = QuantizeReport(
         model=job.loaded.name,
         output=str(output) if output is not None else "",

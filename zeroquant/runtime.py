@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from zeroquant.cpu import WEIGHT_GRID, grid_warning
 from zeroquant.errors import ModelLoadError, UsageError, first_line
 
 
@@ -72,3 +73,9 @@ def run_all(session: ort.InferenceSession, images: np.ndarray, batch_size: int =
 def predict(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """The first output (a classifier's logits) for NCHW images."""
     return run_all(session, images, batch_size)[0]
+
+
+def weight_grid_warning(path: str | Path) -> str | None:
+    """grid_warning() for an ONNX file, by the weight grid zeroquant wrote into its metadata (None for other files)."""
+    props = {p.key: p.value for p in onnx.load_model(str(path), load_external_data=False).metadata_props}
+    return grid_warning(props.get(WEIGHT_GRID))

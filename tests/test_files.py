@@ -29,6 +29,19 @@ def new_outputs(previous) -> list[tuple[Path, bytes]]:
                                                                            b"float")]
 
 
+def fail_rename(monkeypatch, which: int, error: BaseException) -> None:
+    """The `which`-th os.replace raises `error` (the earlier ones have moved new files into place)."""
+    replace, calls = os.replace, []
+
+    def failing(source, target):
+        calls.append(target)
+        if len(calls) == which:
+            raise error
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+
+
 def test_second_write_fails_over_existing_outputs(tmp_path, previous, monkeypatch):
     fsync = os.fsync
 
@@ -46,30 +59,14 @@ def test_second_write_fails_over_existing_outputs(tmp_path, previous, monkeypatc
 @pytest.mark.parametrize("error", [OSError(errno.EIO, "I/O error"), KeyboardInterrupt()])
 def test_failure_between_the_renames_restores_the_earlier_files(tmp_path, previous, monkeypatch, error):
     """The first rename has put the new ONNX file in place when the second fails (or Ctrl-C comes)."""
-    replace, calls = os.replace, []
-
-    def second_fails(source, target):
-        calls.append(target)
-        if len(calls) == 2:
-            raise error
-        return replace(source, target)
-
-    monkeypatch.setattr(os, "replace", second_fails)
+    fail_rename(monkeypatch, 2, error)
     with pytest.raises((OutputError, KeyboardInterrupt)):
         write_all(new_outputs(previous))
     assert_untouched(tmp_path, previous)
 
 
 def test_third_file_new_is_removed_when_the_rename_of_it_fails(tmp_path, previous, monkeypatch):
-    replace, calls = os.replace, []
-
-    def third_fails(source, target):
-        calls.append(target)
-        if len(calls) == 3:
-            raise OSError(errno.EIO, "I/O error")
-        return replace(source, target)
-
-    monkeypatch.setattr(os, "replace", third_fails)
+    fail_rename(monkeypatch, 3, OSError(errno.EIO, "I/O error"))
     with pytest.raises(OutputError, match="I/O error"):
         write_all(new_outputs(previous))
     assert_untouched(tmp_path, previous)
@@ -79,16 +76,8 @@ def test_without_hard_links_the_backup_is_a_copy(tmp_path, previous, monkeypatch
     def no_links(*args):
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    replace, calls = os.replace, []
-
-    def second_fails(source, target):
-        calls.append(target)
-        if len(calls) == 2:
-            raise OSError(errno.EIO, "I/O error")
-        return replace(source, target)
-
     monkeypatch.setattr(os, "link", no_links)
-    monkeypatch.setattr(os, "replace", second_fails)
+    fail_rename(monkeypatch, 2, OSError(errno.EIO, "I/O error"))
     with pytest.raises(OutputError):
         write_all(new_outputs(previous))
     assert_untouched(tmp_path, previous)

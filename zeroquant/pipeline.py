@@ -100,10 +100,20 @@ def distill_set(job: Job, seed: int | None = None, images: int | None = None) ->
     options = job.options
     settings = DistillSettings(images or options.images, options.batch_size,
                                options.iterations or calibration_sets.default_iterations(job.shape), options.lr,
-                               options.seed if seed is None else seed)
+                               options.seed if seed is None else seed, pixel_range(job))
     return calibration_sets.distill(job.graph_module, job.shape, options.method, settings,
                                     resolve_device(options.device), job.captured.digest, options.cache, job.progress,
                                     job.workers)
+
+
+def pixel_range(job: Job) -> tuple | None:
+    """What the preprocessing can produce, per channel where the zoo entry says, for distillers that keep their
+    pixels inside it; None where only an estimate exists (clipping to a wrong range would hurt more than help)."""
+    if job.options.input_range is not None:
+        return tuple(float(v) for v in job.options.input_range)
+    if job.loaded.preprocessing is not None:
+        return job.loaded.preprocessing.channel_ranges()
+    return None
 
 
 def held_out_set(job: Job) -> CalibSet:

@@ -35,7 +35,6 @@ class DistillSettings:
     seed: int = 0
     pixel_range: tuple | None = None  # per channel (low, high), or one (low, high) for all: what pixels can be
 
-
     def key(self) -> dict:
         return dict(vars(self))
 
@@ -119,8 +118,8 @@ class BatchNormTap(nn.Module):
     """Stands in for one BN layer: applies it (eval mode) and measures how far the batch statistics of its input are
     from the layer's running statistics (ZeroQ's loss: L2 distance of the means plus that of the std devs).
 
-    Modes ("apply" only applies the layer): "loss" keeps the loss with its autograd graph (the whole batch in one pass); "sums" adds the input's
-    per-channel sum and sum of squares (no grad: the first pass over micro-batches); "surrogate" adds <g1, sum x> +
+    Modes: "apply" only applies the layer; "loss" keeps the loss with its autograd graph (the whole batch in one
+    pass); "sums" adds the input's per-channel sum and sum of squares (no grad: the first pass over micro-batches); "surrogate" adds <g1, sum x> +
     <g2, sum x^2>, whose gradient is this micro-batch's exact share of the loss gradient (the second pass)."""
 
     def __init__(self, name, weight, bias, mean, var, eps):

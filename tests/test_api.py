@@ -118,11 +118,17 @@ def test_pareto_result(tmp_path):
 
 @pytest.mark.parametrize("method", ["noise", "genie"])
 def test_other_calibration_methods_through_the_pipeline(tmp_path, method):
+    """The method reaches the images and, through them, the file: not only the report's label."""
     result = zeroquant.quantize(make_small_net(), tmp_path / "m.onnx", input_shape=SHAPE, method=method, **FAST)
     assert result.report.distillation["method"] == method
     assert result.report.census["integer_mac_fraction"] == 1.0
     images = zeroquant.distill(make_small_net(), input_shape=SHAPE, method=method, **FAST)
     assert images.shape == (8, *SHAPE) and torch.isfinite(images).all()
+    default = zeroquant.distill(make_small_net(), input_shape=SHAPE, **FAST)  # zeroq, the same seed
+    assert (images - default).abs().mean() > 0.1 * default.abs().mean()
+    assert result.onnx != zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST).onnx
+    if method == "noise":  # plain N(0, 1) draws, not optimised towards the BN statistics
+        assert abs(float(images.mean())) < 0.2 and 0.8 < float(images.std()) < 1.2
 
 
 def test_noise_calibration_quantizes_a_network_without_batchnorm(tmp_path):

@@ -17,6 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+import zeroquant
+import zeroquant.export.verify
 import zeroquant.pipeline
 from zeroquant.cli.app import Interrupted, main
 
@@ -179,6 +181,20 @@ def test_disk_full_while_writing_report(capsys, models, out, monkeypatch):
     assert_failed(result, 6, "No space left on device", out)
 
 
+def test_failed_write_keeps_the_previous_outputs(capsys, models, out, monkeypatch):
+    """A second run whose report cannot be written leaves the first run's files byte for byte."""
+    assert quantize(capsys, models["archive"], out, "--float-output", out / "float.onnx")[0] == 0
+    before = {path: path.read_bytes() for path in out.iterdir()}
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fail_writes_of(monkeypatch, ".model.onnx.json.", disk_full)
+    code, _, stderr = quantize(capsys, models["archive"], out, "--float-output", out / "float.onnx", "--seed", "1")
+    assert code == 6 and "No space left on device" in stderr
+    assert {path: path.read_bytes() for path in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, Interrupted("interrupted; no output was written")])
 def test_interrupt_during_a_stage(capsys, models, out, monkeypatch, error):
     def interrupted(*args, **kwargs):
@@ -189,7 +205,7 @@ def test_interrupt_during_a_stage(capsys, models, out, monkeypatch, error):
 
 
 def test_ctrl_c_while_writing(capsys, models, out, monkeypatch):
-    """A real SIGINT while the report is written: the ONNX file already in place is removed again."""
+    """A real SIGINT while the report is written: nothing is moved into place."""
     # Python's own handler, even where the parent made SIGINT ignored (a job started in the background with `&`)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -235,3 +251,57 @@ def test_no_color(no_color):
     done = subprocess.run([ZEROQUANT, "quantize", "--wbits"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "requires an argument" in done.stderr
     assert bool(COLOUR.search(done.stderr)) is not no_color
+
+
+def broken_capture(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+def test_internal_error_is_one_line_saying_it_is_a_bug(capsys, models, out, monkeypatch):
+    monkeypatch.setattr(zeroquant.pipeline, "capture", broken_capture)
+    assert_failed(quantize(capsys, models["archive"], out), 70, "a bug in zeroquant: RuntimeError: boom (rerun with "
+                                                                "--debug", out)
+
+
+def test_debug_shows_where_an_internal_error_happened(capsys, models, out, monkeypatch):
+    monkeypatch.setattr(zeroquant.pipeline, "capture", broken_capture)
+    assert main(["--debug", "quantize", str(models["archive"]), "-o", str(out / "m.onnx"), *FAST]) == 70
+    stderr = capsys.readouterr().err
+    assert "Traceback" in stderr and 'in broken_capture\n    raise RuntimeError("boom")' in stderr
+
+
+def test_the_python_api_raises_the_original_exception(models, out, monkeypatch):
+    monkeypatch.setattr(zeroquant.pipeline, "capture", broken_capture)
+    with pytest.raises(RuntimeError, match="boom"):
+        zeroquant.quantize(models["archive"], out / "m.onnx", iterations=2, images=4, batch_size=4)
+
+
+def test_an_exception_without_a_message(capsys, models, out, monkeypatch):
+    def silent(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(zeroquant.pipeline, "capture", silent)
+    assert_failed(quantize(capsys, models["archive"], out), 70, "a bug in zeroquant: RuntimeError: RuntimeError", out)
+
+
+def test_onnxruntime_error_without_a_message_is_still_one_line(tmp_path, monkeypatch):
+    """runtime.session took splitlines()[0] of onnxruntime's message: an IndexError when it was empty."""
+    import onnxruntime
+
+    from zeroquant.errors import ModelLoadError
+    from zeroquant.runtime import session
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    with pytest.raises(ModelLoadError, match="onnxruntime cannot load the model: RuntimeError"):
+        session(b"not onnx")
+
+
+def test_a_bug_in_the_parity_check_is_not_a_failed_verification(capsys, models, out, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(zeroquant.export.verify, "run_all", broken)
+    assert_failed(quantize(capsys, models["archive"], out), 70, "ValueError: operands could not be broadcast", out)

@@ -95,7 +95,7 @@ def _rank(rank: int, port: int, folder: str) -> None:
                            batch_size=4, iterations=3, device="cpu")
         outcome = "no error"
     except zeroquant.ZeroQuantError as exc:
-        outcome = f"{type(exc).__name__} {exc.exit_code}: {exc}"
+        outcome = f"{type(exc).__name__} {exc.exit_code}: {exc}\n{exc.traceback_text}"
     Path(folder, f"rank{rank}.txt").write_text(outcome)
 
 
@@ -106,5 +106,6 @@ def test_a_process_that_fails_alone_fails_the_job(tmp_path):
     mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert outcomes[0] == outcomes[1], outcomes  # the same error, so the same exit code, on every process
-    assert outcomes[0].startswith("ZeroQuantError 1: MemoryError: out of memory")
+    assert outcomes[0].startswith("InternalError 70: MemoryError: out of memory\nprocess 1: Traceback")
+    assert 'in out_of_memory\n    raise MemoryError("out of memory")' in outcomes[0]  # for --debug
     assert not (tmp_path / "m.onnx").exists()

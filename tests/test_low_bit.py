@@ -53,7 +53,7 @@ def test_a_batch_size_read_from_the_input_does_not_merge_all_blocks():
 def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
     monkeypatch.setitem(EFFORTS, "fast", Effort(40, 16))
     out = tmp_path / "w4a4.onnx"
-    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None)
     report = quantize(loaded, out, options=QuantizeOptions(wbits=4, abits=4, **FAST)).report
     assert report.reconstruction, "reconstruction runs by default below 8 bits"
     assert all(b["mse_after"] <= b["mse_before"] for b in report.reconstruction), report.reconstruction
@@ -76,7 +76,7 @@ def test_w4a4_reconstruction_exports_b_bit_grids(tmp_path, monkeypatch):
 
 def test_pack_int4_shrinks_the_file_and_keeps_the_integer_kernels(tmp_path, monkeypatch):
     monkeypatch.setitem(EFFORTS, "fast", Effort(5, 16))
-    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None)
     options = dict(wbits=4, abits=8, keep_first_last=0, keep_depthwise=0, **FAST)
     plain = quantize(loaded, tmp_path / "int8.onnx", options=QuantizeOptions(**options)).report
     packed = quantize(loaded, tmp_path / "int4.onnx", options=QuantizeOptions(**options, pack_int4=True)).report
@@ -107,3 +107,13 @@ def test_reconstruction_keeps_relu6_grids_within_6(monkeypatch):
     after_relu6[0].set_range(0.0, 9.0)  # as if a step size had been learned too large
     reconstruct(sim, images, "fast")
     assert after_relu6[0].range[1] <= 6.0 + 1e-6
+
+
+def test_explicit_bits_of_the_first_and_last_layers_are_kept(tmp_path):
+    """keep_first_last raised layer_bits' choice for them to 8 without a word; an explicit choice wins, and says so."""
+    loaded = LoadedModel(make_small_net(), "small", (3, 16, 16), None, None)
+    report = quantize(loaded, options=QuantizeOptions(layer_bits={"stem_0": 4, "head": 3, "branch_0": 5},
+                                                      **FAST)).report
+    bits = {layer.name: layer.weight_bits for layer in report.layers}
+    assert (bits["stem.0"], bits["head"], bits["branch.0"]) == (4, 3, 5), bits
+    assert any("except the weights of head, stem_0" in note for note in report.notes), report.notes

@@ -20,7 +20,21 @@ FAST = dict(images=8, batch_size=8, iterations=5)
 
 
 def loaded_small_net() -> LoadedModel:
-    return LoadedModel(make_small_net(), "small", (3, 16, 16), None, None, "small-net-seed0")
+    return LoadedModel(make_small_net(), "small", (3, 16, 16), None, None)
+
+
+def fresh_inputs(n: int = 256) -> np.ndarray:
+    """Inputs neither distillation, calibration nor verification saw."""
+    return np.random.default_rng(1).standard_normal((n, 3, 16, 16), dtype=np.float32)
+
+
+def assert_w8a8_fidelity(quantized: np.ndarray, reference: np.ndarray) -> None:
+    """W8A8 against the float model, tight enough that a broken W8A8 fails: measured 3.0-3.4 % max and 1.0 % mean
+    relative error, 100 % argmax agreement; activation ranges clipped to 0.7x (a calibration bug the parity gate
+    cannot see: the simulation has it too) give 11.5 % / 3.8 %, and to 0.5x 24 % / 10 %."""
+    assert np.abs(quantized - reference).max() < 0.08 * np.abs(reference).max()
+    assert np.abs(quantized - reference).mean() < 0.025 * np.abs(reference).mean()
+    assert (quantized.argmax(1) == reference.argmax(1)).mean() >= 0.97
 
 
 def test_small_net_quantizes_to_integer_kernels(tmp_path):
@@ -41,11 +55,11 @@ def test_small_net_quantizes_to_integer_kernels(tmp_path):
     integer = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (inp,) = integer.get_inputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("input", "tensor(float)", [3, 16, 16])
-    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16), dtype=np.float32)
+    x = fresh_inputs()
     quantized = integer.run(None, {"input": x})[0]
     reference = session(tmp_path / "fp32.onnx").run(None, {"input": x})[0]
-    assert quantized.shape == (3, 5)
-    assert np.abs(quantized - reference).max() < 0.25 * np.abs(reference).max()
+    assert quantized.shape == (256, 5)
+    assert_w8a8_fidelity(quantized, reference)
     written = json.loads((tmp_path / "small.onnx.json").read_text())
     assert written["census"]["integer_layers"] == report.census["integer_layers"]
     assert len(written["layers"]) == 5 and {layer["weight_qmax"] for layer in written["layers"]} == {63, 127}
@@ -70,10 +84,9 @@ def test_range_and_conditioning_options_export_verified_models(tmp_path, options
                       float_output=tmp_path / "fp32.onnx").report
     assert report.census["integer_mac_fraction"] == 1.0
     assert report.settings["ranges"] == options["ranges"]
-    x = np.random.default_rng(1).standard_normal((32, 3, 16, 16), dtype=np.float32)
+    x = fresh_inputs()
     quantized, reference = predict(session(tmp_path / "small.onnx"), x), predict(session(tmp_path / "fp32.onnx"), x)
-    assert np.abs(quantized - reference).max() < 0.25 * np.abs(reference).max()
-    assert (quantized.argmax(1) == reference.argmax(1)).mean() >= 0.75
+    assert_w8a8_fidelity(quantized, reference)
 
 
 def test_same_seed_gives_same_bytes(tmp_path):

@@ -10,7 +10,7 @@ from tests.conftest import make_small_net
 from zeroquant.graph.batchnorm import fold_batchnorm
 from zeroquant.graph.capture import capture
 from zeroquant.quant.calibrate import calibrate
-from zeroquant.quant.ranges import ChannelGaussians, HistogramObserver, choose_range
+from zeroquant.quant.ranges import ChannelGaussians, HistogramObserver, choose_range, relative_mse
 from zeroquant.quant.sim import build_quantsim
 
 
@@ -50,8 +50,16 @@ def test_choose_range_methods():
     (_, high), name = choose_range("analytic", observed, prior, 8)
     assert name == "analytic" and 2.5 < high < 6.5  # from N(0, 1) alone: the outlier is not seen
     assert choose_range("analytic", observed, None, 8)[1] == "mse"  # no BN describes the tensor
-    (_, high), name = choose_range("auto", observed, prior, 4)
-    assert name in ("minmax", "percentile", "mse", "analytic") and high < 40.0
+    # auto: the candidate with the least error on the data and on what the BN statistics describe, not any method
+    bounds, name = choose_range("auto", observed, prior, 4)
+    candidates = {method: choose_range(method, observed, prior, 4)[0]
+                  for method in ("minmax", "percentile", "mse", "analytic")}
+
+    def error(low_high) -> float:
+        return relative_mse(observed, *low_high, 4) + relative_mse(prior.histogram(), *low_high, 4)
+
+    assert bounds == candidates[name] and error(bounds) == min(map(error, candidates.values()))
+    assert error(bounds) < error(candidates["minmax"]) and bounds[1] < 40.0  # keeping the outlier costs
 
 
 def test_priors_attach_to_conv_bn_outputs_and_calibrate_reports_choices():

@@ -12,6 +12,12 @@ The functions are imported on first use, so `import zeroquant` (and the CLI's st
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+
+try:
+    __version__ = importlib.metadata.version("zeroquant")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+source"
 
 _PUBLIC = {
     "quantize": "zeroquant.pipeline", "pareto": "zeroquant.pipeline", "distill": "zeroquant.pipeline",

@@ -38,3 +38,16 @@ def cpu_flags(info: dict | None = None) -> str:
     names = {"avx2": "AVX2", "avx512": "AVX-512", "vnni": "VNNI", "amx": "AMX", "arm_dotprod": "ARM dot product"}
     shown = [k for k in FEATURES if k != "arm_dotprod" or info.get(k)]
     return ", ".join(f"{names[k]} {'yes' if info.get(k) else 'no'}" for k in shown)
+
+
+WEIGHT_GRID = "zeroquant.weight_grid"  # ONNX metadata_props key: "int32-dot" (full int8 weights) or "portable"
+
+
+def grid_warning(grid: str | None, info: dict | None = None) -> str | None:
+    """One line when a file whose weights need int32 dot products (its WEIGHT_GRID) runs on a CPU without them,
+    where onnxruntime's u8s8 kernels can saturate and its accuracy silently drops; None when it suits this CPU."""
+    if grid != "int32-dot" or int32_dot_products(info):
+        return None
+    return (f"this file was quantized for CPUs with int32 dot products (--target-cpu int32-dot: x86 VNNI or AMX, ARM "
+            f"dot product) and this CPU has none ({cpu_flags(info)}): its accuracy can drop here; quantize with "
+            "--target-cpu portable for such CPUs")

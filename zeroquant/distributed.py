@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -59,22 +60,27 @@ class Workers:
         return bool(flag.item())
 
     def run(self, work):
-        """work() here, then raise on every process the first error any process had (its class and message), so
-        that all of them end with the same exit code; returns work()'s result."""
+        """work(), returning its result. Alone, its exceptions pass untouched. In a job of several processes, every
+        process then raises the first failing process's error (its class and message, and for an unexpected
+        exception an InternalError with that process's traceback), so that all of them end with the same exit
+        code and the job shows why it failed."""
+        if self.world == 1:
+            return work()
         try:
             result, failure = work(), None
         except errors.ZeroQuantError as exc:
-            result, failure = None, (type(exc).__name__, exc.message, exc.hint)
+            result, failure = None, (type(exc).__name__, exc.message, exc.hint, traceback.format_exc())
         except Exception as exc:  # noqa: BLE001  (an internal error: still every process must stop)
-            result, failure = None, ("ZeroQuantError", f"{type(exc).__name__}: {exc}", None)
-        if self.world > 1:
-            failures: list = [None] * self.world
-            dist.all_gather_object(failures, failure)
-            failure = next((f for f in failures if f is not None), None)
+            result, failure = None, ("InternalError", f"{type(exc).__name__}: {errors.first_line(exc)}", None,
+                                     traceback.format_exc())
+        failures: list = [None] * self.world
+        dist.all_gather_object(failures, failure)
+        rank, failure = next(((r, f) for r, f in enumerate(failures) if f is not None), (None, None))
         if failure is not None:
-            kind, message, hint = failure
+            kind, message, hint, text = failure
             error = getattr(errors, kind, errors.ZeroQuantError)(message, hint)
-            error.shared = self.world > 1  # every process raises it: the first one alone needs to say so
+            error.traceback_text = f"process {rank}: {text}"
+            error.shared = True  # every process raises it: the first one alone needs to say so
             raise error
         return result
 

@@ -1,6 +1,13 @@
 """User-facing errors. Each class is one documented failure class with its own exit code (see README)."""
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's first non-empty line, cut at `limit` characters, or its class name when it says nothing:
+    library errors go on to paragraphs of advice that are not ours."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
 class ZeroQuantError(Exception):
     """An expected failure: the CLI prints its one-line message and exits with `exit_code`."""
 
@@ -43,3 +50,14 @@ class OutputError(ZeroQuantError):
     """The output could not be written (missing or read-only folder, disk full)."""
 
     exit_code = 6
+
+
+class InternalError(ZeroQuantError):
+    """An unexpected exception (a bug, or out of memory) in one process of a job of several, carried to every
+    process: its class and first line as the message, the failing process's traceback as text for --debug."""
+
+    exit_code = 70
+
+    def __init__(self, message: str, hint: str | None = None, traceback_text: str = ""):
+        super().__init__(message, hint)
+        self.traceback_text = traceback_text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -28,14 +29,18 @@ def check_writable(path: str | Path) -> None:
         raise OutputError(f"cannot write to {folder}: {exc.strerror}", "choose a writable folder") from exc
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write beside the target and rename, so an interrupted or failed write never leaves a partial file."""
-    path = Path(path)
+def _folder_of(path: Path) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"output folder does not exist: {folder}", "create it or choose another -o path")
+    return folder
+
+
+def _temp_beside(path: Path, data: bytes, label: str = "tmp") -> Path:
+    """`data` in a new file in the target's folder (so a rename moves it in atomically), synced to disk."""
+    folder = _folder_of(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=f".{label}")
     except OSError as exc:
         raise OutputError(f"cannot write to {folder}: {exc.strerror}") from exc
     try:
@@ -46,22 +51,58 @@ def write_atomic(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
         raise
+    return Path(tmp)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write beside the target and rename, so an interrupted or failed write never leaves a partial file."""
+    write_all([(path, data)])
 
 
 def write_all(files: list[tuple[str | Path, bytes]]) -> None:
-    """Write every (path, bytes) atomically, or none: a failed or interrupted write removes those already written."""
-    written = []
+    """Write every (path, bytes), or none, leaving what was there before exactly as it was on any failure or
+    Ctrl-C: every file goes to a temp file beside its target first; only when all are on disk are they renamed
+    into place, each previous file kept under a hard link until the last rename succeeded, and moved back if one
+    failed."""
+    targets = [Path(path) for path, _ in files]
+    temps: list[Path] = []
+    backups: dict[Path, Path] = {}  # target -> link to the file it replaced
+    placed: list[Path] = []
     try:
-        for path, content in files:
-            write_atomic(path, content)
-            written.append(Path(path))
+        for target, (_, data) in zip(targets, files):
+            temps.append(_temp_beside(target, data))
+        for target in targets:
+            if target.exists():
+                backups[target] = _link_beside(target)
+        for target, temp in zip(targets, temps):
+            try:
+                os.replace(temp, target)
+            except OSError as exc:
+                raise OutputError(f"cannot write {target}: {exc.strerror}") from exc
+            placed.append(target)
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        for target in reversed(placed):
+            if target in backups:
+                os.replace(backups.pop(target), target)
+            else:
+                target.unlink(missing_ok=True)  # ours, written just now: there was no file before
+        for leftover in [*temps, *backups.values()]:
+            leftover.unlink(missing_ok=True)
         raise
+    for backup in backups.values():
+        backup.unlink(missing_ok=True)
+
+
+def _link_beside(path: Path) -> Path:
+    """A second name for `path`'s current file (its bytes stay on disk after a rename replaces `path`)."""
+    name = _folder_of(path) / f".{path.name}.{secrets.token_hex(8)}.old"
+    try:
+        os.link(path, name)
+    except OSError:  # a file system without hard links: a copy does the same job
+        return _temp_beside(path, path.read_bytes(), "old")
+    return name

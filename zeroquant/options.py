@@ -65,6 +65,10 @@ class QuantizeOptions:
             return not int32_dot_products()
         return self.target_cpu == "portable"
 
+    def weight_grid(self) -> str:
+        """What the file's weights are made for, as its metadata says (cpu.WEIGHT_GRID)."""
+        return "portable" if self.reduce_range else "int32-dot"
+
     def weight_grid_note(self) -> str:
         here = f"this CPU: {cpu_flags()}"
         if self.reduce_range:

@@ -11,11 +11,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import onnx
 import torch
 
 from zeroquant import calib as calibration_sets
 from zeroquant.calib import CalibSet, DistillSettings
 from zeroquant.calib.preview import check_channels, grid_png
+from zeroquant.cpu import WEIGHT_GRID, grid_warning
 from zeroquant.device import resolve_device
 from zeroquant.distributed import Workers, current
 from zeroquant.errors import UsageError, VerificationError
@@ -34,7 +36,7 @@ from zeroquant.quant.bias_correction import correct_biases
 from zeroquant.quant.calibrate import calibrate
 from zeroquant.quant.equalize import equalize
 from zeroquant.quant.gptq import gptq, gptq_layers
-from zeroquant.quant.plan import keep_depthwise, keep_first_last
+from zeroquant.quant.plan import first_and_last, keep_depthwise, keep_first_last
 from zeroquant.quant.reconstruct import reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.report import LayerReport, QuantizeReport, QuantizeResult
@@ -98,10 +100,20 @@ def distill_set(job: Job, seed: int | None = None, images: int | None = None) ->
     options = job.options
     settings = DistillSettings(images or options.images, options.batch_size,
                                options.iterations or calibration_sets.default_iterations(job.shape), options.lr,
-                               options.seed if seed is None else seed)
+                               options.seed if seed is None else seed, pixel_range(job))
     return calibration_sets.distill(job.graph_module, job.shape, options.method, settings,
-                                    resolve_device(options.device), job.loaded.digest, options.cache, job.progress,
+                                    resolve_device(options.device), job.captured.digest, options.cache, job.progress,
                                     job.workers)
+
+
+def pixel_range(job: Job) -> tuple | None:
+    """What the preprocessing can produce, per channel where the zoo entry says, for distillers that keep their
+    pixels inside it; None where only an estimate exists (clipping to a wrong range would hurt more than help)."""
+    if job.options.input_range is not None:
+        return tuple(float(v) for v in job.options.input_range)
+    if job.loaded.preprocessing is not None:
+        return job.loaded.preprocessing.channel_ranges()
+    return None
 
 
 def held_out_set(job: Job) -> CalibSet:
@@ -127,7 +139,7 @@ def _calibration(job: Job, calibration) -> tuple[CalibSet, bool]:
 def _search(job: Job, folded: torch.fx.GraphModule, calib: CalibSet):
     options = job.options
     return search(folded, calib.images, job.shape, options.wbits_choices, options.objective, options.abits,
-                  options.keep_first_last, options.reduce_range, job.loaded.digest, options.cache, job.progress,
+                  options.keep_first_last, options.reduce_range, job.captured.digest, options.cache, job.progress,
                   job.workers, options.rounding)
 
 
@@ -266,7 +278,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate
             raise UsageError(f"layer_bits names an unknown layer '{name}'", f"layers: {', '.join(sim.layers)}")
         sim.layers[name].set_bits(bits)
     kept_depthwise = 0 if layer_bits else keep_depthwise(sim, options.keep_depthwise)  # a budget sets them
-    keep_first_last(sim, options.keep_first_last)
+    keep_first_last(sim, options.keep_first_last, frozenset(layer_bits))
     known_range, source = input_range(job)
     with progress.stage("calibrate"):
         calibrate(sim, calib.images, options.ranges, input_range=known_range)
@@ -292,8 +304,11 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate
                                      workers=job.workers)
         lap("reconstruct")
     if options.keep_first_last and low_bit:
+        given = sorted(name for name in first_and_last(sim) if layer_bits.get(name, 8) < options.keep_first_last)
         notes.append(f"the first and last layers and their inputs stay at {options.keep_first_last} bits "
-                     "(--keep-first-last 0 quantizes them like the rest)")
+                     "(--keep-first-last 0 quantizes them like the rest)" +
+                     (f", except the weights of {', '.join(given)}: they keep the bits layer_bits gives them"
+                      if given else ""))
     if kept_depthwise:
         notes.append(f"{kept_depthwise} depthwise conv(s) keep {options.keep_depthwise}-bit weights: they hold few "
                      "weights but lose the most at low bits (--keep-depthwise 0 quantizes them like the rest)")
@@ -315,13 +330,12 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
         model = to_onnx(integer_model(sim), job.shape, job.captured.output_names)
         low = {f"{name}.weight" for name, layer in sim.layers.items() if options.pack_int4 and layer.bits <= 4}
         packed = pack_int4(model, low) if low else 0
+        onnx.helper.set_model_props(model, {WEIGHT_GRID: options.weight_grid(), "zeroquant.target_cpu":
+                                            options.target_cpu})
     lap("export")
     with job.progress.stage("verify"):
-        try:
-            verify.check(model)
-            check = verify.parity(model, sim, calib.images, job.captured.output_names)
-        except Exception as exc:
-            raise VerificationError(f"the exported model failed verification: {exc}") from exc
+        verify.check(model)  # a model onnx or onnxruntime refuses is a VerificationError; anything else, a bug
+        check = verify.parity(model, sim, calib.images, job.captured.output_names)
         if check.diverged:
             raise VerificationError(
                 f"onnxruntime's integer model diverges from the simulation: max logit difference "
@@ -338,6 +352,9 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
         notes.append(f"{packed} layer(s) store INT4 weights (--pack-int4), widened to int8 by a Cast that "
                      "onnxruntime folds when it loads the file: they still run in integer kernels")
     notes.append(options.weight_grid_note())
+    mismatch = grid_warning(options.weight_grid())
+    if mismatch:
+        notes.append(f"warning: {mismatch}")
     report = QuantizeReport(
         model=job.loaded.name,
         output=str(output) if output is not None else "",

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from zeroquant.errors import ModelLoadError, UsageError
+from zeroquant.cpu import WEIGHT_GRID, grid_warning
+from zeroquant.errors import ModelLoadError, UsageError, first_line
 
 
 def session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None, spinning: bool = True,
@@ -39,7 +40,7 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = N
                                     disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as e:  # onnxruntime raises its own (unexported) exception types
         raise ModelLoadError(f"onnxruntime cannot load {'the model' if isinstance(model, bytes) else model}: "
-                             f"{str(e).splitlines()[0]}") from e
+                             f"{first_line(e)}") from e
 
 
 def image_input(session: ort.InferenceSession) -> tuple[str, list]:
@@ -72,3 +73,9 @@ def run_all(session: ort.InferenceSession, images: np.ndarray, batch_size: int =
 def predict(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """The first output (a classifier's logits) for NCHW images."""
     return run_all(session, images, batch_size)[0]
+
+
+def weight_grid_warning(path: str | Path) -> str | None:
+    """grid_warning() for an ONNX file, by the weight grid zeroquant wrote into its metadata (None for other files)."""
+    props = {p.key: p.value for p in onnx.load_model(str(path), load_external_data=False).metadata_props}
+    return grid_warning(props.get(WEIGHT_GRID))

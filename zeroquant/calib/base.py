@@ -23,6 +23,7 @@ from zeroquant.graph.ops import attribute_value, layer_name
 from zeroquant.progress import Progress
 
 MEMORY_BUDGET = 2 << 30  # bytes of activations kept for the backward pass of one distillation step
+OutputLoss = Callable[[torch.Tensor, slice], torch.Tensor]  # (outputs of some rows of a batch, those rows) -> loss
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DistillSettings:
     iterations: int = 200
     lr: float = 0.2
     seed: int = 0
+    pixel_range: tuple | None = None  # per channel (low, high), or one (low, high) for all: what pixels can be
 
     def key(self) -> dict:
         return dict(vars(self))
@@ -103,6 +105,9 @@ def calib_set(method: str, settings: DistillSettings, batches: dict[int, Batch])
 class Distiller(Protocol):
     name: str
 
+    def key(self) -> dict:
+        """The distiller's own settings that shape the images (part of the cache key)."""
+
     def distill(self, graph_module: torch.fx.GraphModule, input_shape: tuple[int, int, int],
                 settings: DistillSettings, device: torch.device, progress: Progress,
                 indices: list[int]) -> dict[int, Batch]:
@@ -113,8 +118,8 @@ class BatchNormTap(nn.Module):
     """Stands in for one BN layer: applies it (eval mode) and measures how far the batch statistics of its input are
     from the layer's running statistics (ZeroQ's loss: L2 distance of the means plus that of the std devs).
 
-    Modes: "loss" keeps the loss with its autograd graph (the whole batch in one pass); "sums" adds the input's
-    per-channel sum and sum of squares (no grad: the first pass over micro-batches); "surrogate" adds <g1, sum x> +
+    Modes: "apply" only applies the layer; "loss" keeps the loss with its autograd graph (the whole batch in one
+    pass); "sums" adds the input's per-channel sum and sum of squares (no grad: the first pass over micro-batches); "surrogate" adds <g1, sum x> +
     <g2, sum x^2>, whose gradient is this micro-batch's exact share of the loss gradient (the second pass)."""
 
     def __init__(self, name, weight, bias, mean, var, eps):
@@ -134,7 +139,7 @@ class BatchNormTap(nn.Module):
         elif self.mode == "sums":
             wide = x.detach().double()
             self.sums.append((wide.sum(dims), wide.square().sum(dims), x.numel() // x.shape[1]))
-        else:
+        elif self.mode == "surrogate":
             g1, g2 = self.coefficients
             self.value = self.value + (g1 * x.sum(dims)).sum() + (g2 * x.square().sum(dims)).sum()
         return F.batch_norm(x, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps)
@@ -241,26 +246,40 @@ class BatchNormMatcher:
         for tap in self.taps:
             tap.mode, tap.value = mode, 0.0
 
-    def step(self, images: torch.Tensor) -> Step:
+    def step(self, images: torch.Tensor, output_loss: OutputLoss | None = None) -> Step:
+        """The BN loss of the batch, plus `output_loss(outputs, rows)` when given (a loss on the network's outputs
+        for those rows of the batch, already divided by the batch size, so micro-batches add up to the whole), and
+        the gradient of their sum w.r.t. the images."""
+        def extra(output, rows: slice) -> torch.Tensor | float:
+            return output_loss(output, rows) if output_loss is not None else 0.0
+
         if len(images) <= self.micro_batch:
             x = images.detach().requires_grad_(True)
             self._set_mode("loss")
-            self.model(x)
-            total = sum(tap.value for tap in self.taps)
+            output = self.model(x)
+            bn = sum(tap.value for tap in self.taps)
+            total = bn + extra(output, slice(0, len(x)))
             (grad,) = torch.autograd.grad(total, x)
-            return Step(float(total.detach()), {tap.name: float(tap.value.detach()) for tap in self.taps}, grad)
+            return Step(float(bn.detach()), {tap.name: float(tap.value.detach()) for tap in self.taps}, grad)
         self._set_mode("sums")
         with torch.no_grad():
             for chunk in images.split(self.micro_batch):
                 self.model(chunk)
         layers = {tap.name: tap.finish_sums() for tap in self.taps}
         grads = []
-        for chunk in images.split(self.micro_batch):
+        for start, chunk in zip(range(0, len(images), self.micro_batch), images.split(self.micro_batch)):
             x = chunk.detach().requires_grad_(True)
             self._set_mode("surrogate")
-            self.model(x)
-            grads.append(torch.autograd.grad(sum(tap.value for tap in self.taps), x)[0])
+            output = self.model(x)
+            total = sum(tap.value for tap in self.taps) + extra(output, slice(start, start + len(x)))
+            grads.append(torch.autograd.grad(total, x)[0])
         return Step(sum(layers.values()), layers, torch.cat(grads))
+
+    def outputs(self, images: torch.Tensor):
+        """The network's outputs, without gradient or BN bookkeeping."""
+        self._set_mode("apply")
+        with torch.no_grad():
+            return self.model(images)
 
     def measure(self, images: torch.Tensor) -> tuple[float, dict[str, float]]:
         """The loss of a batch without its gradient (one pass of sums, micro-batched like `step`)."""

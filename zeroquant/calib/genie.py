@@ -123,6 +123,9 @@ class GenieDistiller:
         self.latent_lr, self.generator_lr = latent_lr, generator_lr
         self.max_shift, self.swing = max_shift, swing
 
+    def key(self) -> dict:
+        return dict(vars(self))
+
     def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
                 indices: list[int]) -> dict[int, Batch]:
         device = torch.device(device)

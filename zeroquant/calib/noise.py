@@ -10,6 +10,9 @@ from zeroquant.calib.base import Batch, DistillSettings, batch_generator
 class NoiseDistiller:
     name = "noise"
 
+    def key(self) -> dict:
+        return {}
+
     def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
                 indices: list[int]) -> dict[int, Batch]:
         sizes = settings.batch_sizes()

@@ -10,6 +10,9 @@ from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, disti
 class ZeroQDistiller:
     name = "zeroq"
 
+    def key(self) -> dict:
+        return {}
+
     def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
                 indices: list[int]) -> dict[int, Batch]:
         matcher = BatchNormMatcher(graph_module, input_shape, device)

@@ -10,8 +10,8 @@ import warnings
 import typer
 from typer.core import TyperGroup
 
-from zeroquant.errors import (ModelLoadError, OutputError, UnsupportedModelError, UsageError, VerificationError,
-                              ZeroQuantError)
+from zeroquant.errors import (InternalError, ModelLoadError, OutputError, UnsupportedModelError, UsageError,
+                              VerificationError, ZeroQuantError, first_line)
 
 
 class Interrupted(ZeroQuantError):
@@ -20,11 +20,12 @@ class Interrupted(ZeroQuantError):
     exit_code = 130
 
 
-EXIT_CODES = (f"Exit codes: 0 success; 1 unexpected error (a bug: rerun with --debug); "
+EXIT_CODES = (f"Exit codes: 0 success; 1 other error; "
               f"{UsageError.exit_code} bad option; {ModelLoadError.exit_code} model file cannot be loaded; "
               f"{UnsupportedModelError.exit_code} model cannot be quantized data-free; "
               f"{VerificationError.exit_code} exported model failed verification; "
-              f"{OutputError.exit_code} output cannot be written; {Interrupted.exit_code} interrupted.")
+              f"{OutputError.exit_code} output cannot be written; {InternalError.exit_code} internal error (a bug: rerun "
+              f"with --debug); {Interrupted.exit_code} interrupted.")
 
 
 class _Commands(TyperGroup):
@@ -97,12 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="zeroquant")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except InternalError as exc:  # another process's bug: said as this process's own would be
+        return _fail(exc, _bug(exc.message), exc.exit_code)
     except ZeroQuantError as exc:
         return _fail(exc, str(exc), exc.exit_code)
     except Exception as exc:  # a bug, but the user still gets one line, and the traceback with --debug
-        first = next(iter(str(exc).strip().splitlines()), "")
-        return _fail(exc, f"internal error: {type(exc).__name__}: {first} (a bug: please report it with --debug)", 1)
+        return _fail(exc, _bug(f"{type(exc).__name__}: {first_line(exc)}"), InternalError.exit_code)
     return 0
+
+
+def _bug(what: str) -> str:
+    return f"internal error, a bug in zeroquant: {what} (rerun with --debug for the traceback and please report it)"
 
 
 def _fail(exc: Exception, message: str, code: int) -> int:
@@ -112,8 +118,12 @@ def _fail(exc: Exception, message: str, code: int) -> int:
     if getattr(exc, "shared", False) and not is_main_process():
         return code  # every process of the job has this error; process 0 says it once
     close_stage_line()
-    if _debug:
-        traceback.print_exception(exc, file=sys.stderr)
+    if _debug:  # a job's error shows the traceback of the process where it happened
+        remote = getattr(exc, "traceback_text", None)
+        if remote:
+            print(remote, end="", file=sys.stderr)
+        else:
+            traceback.print_exception(exc, file=sys.stderr)
     print(f"zeroquant: error: {' '.join(message.split())}", file=sys.stderr)
     return code
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from zeroquant.cli.app import app
-from zeroquant.cli.output import print_json, progress_display, stdout
+from zeroquant.cli.output import print_json, progress_display, stdout, warn
 
 
 @app.command()
@@ -26,12 +26,15 @@ def bench(
     timed interleaved run by run in the same process, so the ratios are not skewed by changing machine load."""
     from zeroquant.errors import UsageError
     from zeroquant.evaluate.latency import kernel_census, measure, time_by_kind
+    from zeroquant.runtime import weight_grid_warning
 
     if batch < 1 or (runs is not None and runs < 1) or (threads is not None and threads < 1):
         raise UsageError("--batch, --runs and --threads must be positive")
     paths = [model, *(vs or [])]
     with progress_display(quiet=json_out) as progress:
         latencies = measure(paths, batch, threads, runs, progress=progress)
+    for path in paths:  # once measure() has found them all loadable
+        warn(weight_grid_warning(path))
     rows = [lat.to_dict() | {"bytes": p.stat().st_size, "census": kernel_census(p)} for p, lat in zip(paths, latencies)]
     if profile:
         for path, row in zip(paths, rows):

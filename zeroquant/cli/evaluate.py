@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from zeroquant.cli.app import app
-from zeroquant.cli.output import key_value_table, print_json, stdout
+from zeroquant.cli.output import key_value_table, print_json, stdout, warn
 
 
 @app.command("eval")
@@ -25,13 +25,14 @@ def evaluate(
     """Top-1/top-5 of an ONNX model on labelled images, and agreement with a reference model."""
     from zeroquant.errors import UsageError
     from zeroquant.evaluate.accuracy import evaluate_onnx, require_classifier
-    from zeroquant.runtime import session
+    from zeroquant.runtime import session, weight_grid_warning
     from zeroquant.evaluate.datasets import dataset_for_zoo, load_image_folder
     from zeroquant.zoo.registry import preprocessing, zoo_entry
 
     if (zoo is None) == (preprocess is None):
         raise UsageError("give exactly one of --zoo NAME or --preprocess NAME")
     require_classifier(session(model, threads), model)  # before minutes of image loading
+    warn(weight_grid_warning(model))
     if data is None:
         if zoo is None:
             raise UsageError("--data is needed with --preprocess")

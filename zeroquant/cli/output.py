@@ -44,6 +44,12 @@ def parse_shape(text: str | None) -> tuple[int, int, int] | None:
     return shape
 
 
+def warn(text: str | None) -> None:
+    """A warning: one line on stderr (nothing when text is None)."""
+    if text:
+        print(f"zeroquant: warning: {' '.join(text.split())}", file=sys.stderr)
+
+
 _open_line = False  # a stage line is waiting for its time
 
 

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from zeroquant.errors import ModelLoadError, VerificationError, first_line
 from zeroquant.quant.sim import as_outputs
 from zeroquant.runtime import run_all, session
 
@@ -131,7 +132,12 @@ def float_ops(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def parity(model: onnx.ModelProto, simulation, images: torch.Tensor, names: list[str]) -> Parity:
-    onnx_outputs = run_all(session(model), images.numpy())
+    """The outputs of onnxruntime against the simulation's; a model onnxruntime refuses is a VerificationError."""
+    try:
+        loaded = session(model)
+    except ModelLoadError as exc:
+        raise VerificationError(f"the exported model failed verification: {exc.message}") from exc
+    onnx_outputs = run_all(loaded, images.numpy())
     with torch.no_grad():
         chunks = [as_outputs(simulation(chunk)) for chunk in images.split(64)]
     sim_outputs = [torch.cat(parts).numpy() for parts in zip(*chunks)]
@@ -149,4 +155,8 @@ def parity(model: onnx.ModelProto, simulation, images: torch.Tensor, names: list
 
 
 def check(model: onnx.ModelProto) -> None:
-    onnx.checker.check_model(model, full_check=True)
+    """onnx's checker; what it finds is a VerificationError (anything else it raises is a bug of ours)."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise VerificationError(f"the exported model failed onnx's checker: {first_line(exc)}") from exc

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from zeroquant.errors import UnsupportedModelError, UsageError
+from zeroquant.errors import UnsupportedModelError, UsageError, first_line
 from zeroquant.graph.constants import fold_parameter_ops
 
 aten = torch.ops.aten
@@ -25,6 +28,7 @@ class CapturedModel:
     graph_module: torch.fx.GraphModule  # returns the model's output tensor, or a tuple of them (one per name)
     input_shape: tuple[int, int, int]
     output_names: list[str]  # "logits" for a single tensor; else the keys of the model's outputs ("out", "aux")
+    digest: str  # what is distilled from, as a cache key: the graph's code, its tensors and zeroquant's version
 
 
 def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> CapturedModel:
@@ -34,8 +38,45 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
         raise UsageError(f"input shape must be C,H,W with positive sizes, got {input_shape}")
     if isinstance(module, torch.fx.GraphModule):
         module = free_batch(module)
-    module = module.eval()
-    example = torch.randn(2, *input_shape)
+    with evaluating(module):
+        exported = _export(module, input_shape)
+    graph_module = exported.module()
+    _drop_guards(graph_module)
+    fold_parameter_ops(graph_module)
+    _read_batch_size_locally(graph_module)
+    return CapturedModel(graph_module, tuple(input_shape), _flat_outputs(graph_module, exported.call_spec.out_spec),
+                         graph_digest(graph_module))
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """The module in eval mode for the block, and every submodule's train/eval mode as the caller had it after."""
+    modes = {sub: sub.training for sub in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for sub, training in modes.items():
+            sub.training = training
+
+
+def graph_digest(graph_module: torch.fx.GraphModule) -> str:
+    """A key for caches of what is computed from the model: two modules with the same weights but another forward
+    differ in their code; a new zeroquant (a fixed distiller) differs in its version."""
+    import zeroquant
+
+    digest = hashlib.sha256(f"{zeroquant.__version__}\n{graph_module.code}".encode())
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            value = operator.attrgetter(node.target)(graph_module)
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{node.target}:{value.dtype}:{tuple(value.shape)}".encode())
+                digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _export(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> torch.export.ExportedProgram:
+    example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))  # not the caller's RNG
     try:
         with torch.no_grad():
             module(example)
@@ -46,18 +87,13 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
                 "export it with an example batch of 2 and dynamic_shapes=({0: torch.export.Dim('batch')},)",
             ) from exc
         raise UnsupportedModelError(
-            f"the model rejects input shape {','.join(map(str, input_shape))}: {_first_line(exc)}",
+            f"the model rejects input shape {','.join(map(str, input_shape))}: {first_line(exc)}",
             "pass the right --input-shape C,H,W",
         ) from exc
     try:
-        exported = torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+        return torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
     except Exception as exc:
-        raise UnsupportedModelError(f"torch.export cannot capture the model: {_first_line(exc)}") from exc
-    graph_module = exported.module()
-    _drop_guards(graph_module)
-    fold_parameter_ops(graph_module)
-    _read_batch_size_locally(graph_module)
-    return CapturedModel(graph_module, tuple(input_shape), _flat_outputs(graph_module, exported.call_spec.out_spec))
+        raise UnsupportedModelError(f"torch.export cannot capture the model: {first_line(exc)}") from exc
 
 
 def _flat_outputs(graph_module: torch.fx.GraphModule, out_spec) -> list[str]:
@@ -123,7 +159,7 @@ def _accepts_one_image(module: torch.nn.Module, input_shape: tuple[int, int, int
     """Calibration and export run batches: tell a batch-size limit apart from a wrong input shape."""
     try:
         with torch.no_grad():
-            module(torch.randn(1, *input_shape))
+            module(torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)))
     except Exception:
         return False
     return True
@@ -163,8 +199,3 @@ def _read_batch_size_locally(graph_module: torch.fx.GraphModule) -> None:
 def _batch_leading(tensor_node: torch.fx.Node, size_node: torch.fx.Node) -> bool:
     value, size = tensor_node.meta.get("val"), size_node.meta.get("val")
     return isinstance(value, torch.Tensor) and value.dim() > 0 and str(value.shape[0]) == str(size)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

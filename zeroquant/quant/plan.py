@@ -20,13 +20,15 @@ def keep_depthwise(sim: QuantSim, bits: int) -> int:
     return len(raised)
 
 
-def keep_first_last(sim: QuantSim, bits: int) -> None:
+def keep_first_last(sim: QuantSim, bits: int, chosen: frozenset[str] = frozenset()) -> None:
     """The first and last layers (and the tensors they read) stay at `bits`: the image and the logits are where
-    low-bit noise costs the most accuracy for the least size."""
+    low-bit noise costs the most accuracy for the least size. The weights of layers in `chosen` (bits the caller
+    set per layer) keep the bits they were given: an explicit choice is never changed silently."""
     if not bits:
         return
     for name in first_and_last(sim):
-        sim.layers[name].set_bits(max(bits, sim.layers[name].bits))
+        if name not in chosen:
+            sim.layers[name].set_bits(max(bits, sim.layers[name].bits))
         feeding = sim.layer_inputs.get(name)
         if feeding:
             sim.activations[feeding].bits = max(bits, sim.activations[feeding].bits)

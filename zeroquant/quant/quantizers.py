@@ -50,17 +50,18 @@ class ActivationQuantizer(nn.Module):
         self.prior = None  # ranges.ChannelGaussians: the tensor's distribution on the training data, where known
         self.learned_scale: nn.Parameter | None = None
         self.drop_prob = 0.0
+        self.generator: torch.Generator | None = None  # QDrop's draws: seeded by the caller, never the global RNG
         # a value the grid must hold exactly: 0.5 after a hardsigmoid, its value wherever its input is 0 (see anchored)
         self.on_grid: float | None = None
 
-    def start_learning(self, drop_prob: float) -> nn.Parameter:
+    def start_learning(self, drop_prob: float, generator: torch.Generator) -> nn.Parameter:
         self.learned_scale = nn.Parameter(torch.tensor([self.scale]))
-        self.drop_prob = drop_prob
+        self.drop_prob, self.generator = drop_prob, generator
         return self.learned_scale
 
     def stop_learning(self) -> None:
         self.scale = self.anchored(float(self.learned_scale.detach().abs().clamp_min(1e-8)))
-        self.learned_scale, self.drop_prob = None, 0.0
+        self.learned_scale, self.drop_prob, self.generator = None, 0.0, None
 
     def set_range(self, low: float, high: float) -> None:
         scale, self.zero_point = activation_qparams(low, high, self.bits)
@@ -91,7 +92,7 @@ class ActivationQuantizer(nn.Module):
         zero = torch.tensor([float(self.zero_point)])
         q = torch._fake_quantize_learnable_per_tensor_affine(x, self.learned_scale.abs() + 1e-8, zero, 0, qmax, 1.0)
         if self.drop_prob:
-            q = torch.where(torch.rand_like(x) < self.drop_prob, x, q)
+            q = torch.where(torch.rand(x.shape, generator=self.generator).to(x.device) < self.drop_prob, x, q)
         return q
 
     def extra_repr(self) -> str:

@@ -118,7 +118,6 @@ def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", se
     calibration and rounding gave it (Lite0 mixed 5-bit lost 2.2 points to reconstruction without this guard)."""
     settings = EFFORTS[effort]
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     blocks = find_blocks(sim)
     fp_in = q_in = images
     summary = []
@@ -206,7 +205,7 @@ def _train_block(sim, block, fp_in, q_in, fp_out, settings: Effort, generator, s
         alpha, scale = layer.start_rounding()
         rounding.append(alpha)
         weight_scales.append(scale)
-    act_scales = [q.start_learning(DROP_PROB) for q in quantizers]
+    act_scales = [q.start_learning(DROP_PROB, generator) for q in quantizers]
     groups = [{"params": rounding, "lr": ROUNDING_LR}]
     if weight_scales or act_scales:
         groups.append({"params": weight_scales + act_scales, "lr": SCALE_LR})

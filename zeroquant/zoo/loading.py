@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import itertools
 import logging
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zeroquant.errors import ModelLoadError, UnsupportedModelError, UsageError
+from zeroquant.errors import ModelLoadError, UnsupportedModelError, UsageError, first_line
 from zeroquant.graph.constants import depends_on_input
 from zeroquant.zoo.architectures import ARCHITECTURES
 from zeroquant.zoo.registry import Preprocessing, ZooEntry, zoo_entries, zoo_entry
@@ -28,12 +27,11 @@ _SHOW = 3  # how many offending keys a mismatch message names
 
 @dataclass
 class LoadedModel:
-    module: nn.Module  # in eval mode, on CPU
+    module: nn.Module  # on CPU; a caller's nn.Module as given (capture runs it in eval mode and puts its modes back)
     name: str  # zoo name or file stem, for reports
     input_shape: tuple[int, int, int] | None  # C,H,W when known
     preprocessing: Preprocessing | None  # from the zoo entry, when known
     exported: torch.export.ExportedProgram | None  # set when the file was a torch.export archive
-    digest: str  # sha256 of the model (or zoo weights) file: a cache key
 
     def shape(self, given: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
         """The C,H,W to use: `given` (--input-shape) over the model's own; an error when neither is known."""
@@ -54,24 +52,12 @@ def resolve_model(model, arch: str | None = None, weights: str | None = None,
     if arch is not None or weights is not None:
         raise UsageError("arch and weights apply to model files only, not to a model object")
     if isinstance(model, torch.export.ExportedProgram):
-        return _from_program(model, type(model).__name__, _digest_of(model.state_dict, model.graph_module.code))
+        return _from_program(model, type(model).__name__)
     if isinstance(model, nn.Module):
         _check_finite(model)
-        return LoadedModel(model.eval(), type(model).__name__, None, None, None,
-                           _digest_of(model.state_dict(), repr(model)))
+        return LoadedModel(model, type(model).__name__, None, None, None)
     raise UsageError(f"cannot quantize a {type(model).__name__}",
                      "pass an nn.Module, a torch.export.ExportedProgram, a model file path or 'zoo:NAME'")
-
-
-def _digest_of(state: dict, structure: str) -> str:
-    """A cache key for a model in memory: its structure and every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256(structure.encode())
-    for name in sorted(state):
-        tensor = state[name]
-        if isinstance(tensor, torch.Tensor):
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def load_model(
@@ -115,7 +101,7 @@ def _load_file(path: Path, entry: ZooEntry | None, trust_pickle: bool) -> Loaded
     if isinstance(obj, nn.Module):
         if entry is not None:
             raise UsageError(f"--arch given for pickled module {path}", "--arch applies to state_dict files only")
-        return LoadedModel(obj.cpu().eval(), path.stem, None, None, None, _sha256(path))
+        return LoadedModel(obj.cpu().eval(), path.stem, None, None, None)
     state = _state_dict_of(obj, path)
     if entry is None:
         raise UsageError(
@@ -167,10 +153,10 @@ def _from_export(path: Path) -> LoadedModel:
         raise ModelLoadError(f"cannot load torch.export archive {path}: {cause}", _RESAVE_HINT) from e
     finally:
         logger.removeFilter(muted)
-    return _from_program(program, path.stem, _sha256(path))
+    return _from_program(program, path.stem)
 
 
-def _from_program(program: torch.export.ExportedProgram, name: str, digest: str) -> LoadedModel:
+def _from_program(program: torch.export.ExportedProgram, name: str) -> LoadedModel:
     module = program.module()  # parameters are get_attr nodes here, not inputs as in program.graph
     training = _training_nodes(module.graph)
     if training:
@@ -182,7 +168,7 @@ def _from_program(program: torch.export.ExportedProgram, name: str, digest: str)
     # nn.Module versions are safe and let callers treat it like any other module.
     del module.train, module.eval
     _check_finite(module)
-    return LoadedModel(module.eval(), name, _example_shape(program), None, program, digest)
+    return LoadedModel(module.eval(), name, _example_shape(program), None, program)
 
 
 def _training_nodes(graph: torch.fx.Graph) -> list[str]:
@@ -280,7 +266,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path, entry: ZooEntry
     if problems:
         message = f"weights in {path} do not fit {entry.name}: {'; '.join(problems)}"
         raise ModelLoadError(message, "check --arch / --weights")
-    return LoadedModel(model.eval(), name, entry.input_shape, entry.preprocessing, None, _sha256(path))
+    return LoadedModel(model.eval(), name, entry.input_shape, entry.preprocessing, None)
 
 
 def _first(items: list[str]) -> str:
@@ -321,16 +307,6 @@ def _check_finite(module: nn.Module) -> None:
             raise UnsupportedModelError(f"weights are not finite: {name} holds NaN or inf", "the model file is broken")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _one_line(error: BaseException) -> str:
     """The first sentence of the first line: library errors go on to paragraphs of advice that is not ours."""
-    lines = str(error).strip().splitlines()
-    sentence = re.split(r"(?<=\.) ", lines[0])[0] if lines else ""
-    return f"{type(error).__name__}: {sentence}"[:200]
+    return f"{type(error).__name__}: {re.split(r'(?<=[.]) ', first_line(error))[0]}"[:200]

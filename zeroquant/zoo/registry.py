@@ -25,10 +25,14 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def channel_ranges(self) -> tuple[tuple[float, float], ...]:
+        """What pixels in [0, 1] become, per channel."""
+        return tuple(((0 - m) / s, (1 - m) / s) for m, s in zip(self.mean, self.std))
+
     def input_range(self) -> tuple[float, float]:
-        """What pixels in [0, 1] become, over all channels: the exact range of the model's input."""
-        return (min((0 - m) / s for m, s in zip(self.mean, self.std)),
-                max((1 - m) / s for m, s in zip(self.mean, self.std)))
+        """The exact range of the model's input, over all channels."""
+        ranges = self.channel_ranges()
+        return min(low for low, _ in ranges), max(high for _, high in ranges)
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def make_images(job, source: str, count: int, pool: ImageSet, args) -> tuple[tor
     if own:
         distiller = dataclasses.replace(distiller, **own)
     calib, _ = calibration_sets.distill(job.graph_module, job.shape, distiller, settings, torch.device("cpu"),
-                                        job.loaded.digest, use_cache=False)
+                                        job.captured.digest, use_cache=False)
     return calib.images, time.perf_counter() - clock, calib.final_loss
 
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from torch import nn
 
 from tests.conftest import make_small_net
+from zeroquant import pipeline
 from zeroquant.cli.app import main
 from zeroquant.cli.pareto import _table
 from zeroquant.errors import UsageError
@@ -25,7 +26,8 @@ from zeroquant.graph.batchnorm import fold_batchnorm
 from zeroquant.graph.capture import capture
 from zeroquant import distill
 from zeroquant.quant.sim import build_quantsim
-from zeroquant.search.pareto import Problem, choose, frontier, parse_budget, pareto_dp
+from zeroquant.search.pareto import (Problem, below_safe_bits, choose, frontier, least_safe_cost, parse_budget,
+                                     pareto_dp)
 from zeroquant.search.sensitivity import layer_sensitivity
 
 FAST = ["--iterations", "2", "--images", "8", "--batch-size", "8"]
@@ -216,3 +218,39 @@ def test_quantize_budget_exports_each_layer_on_its_grid(archive, tmp_path, capsy
     assert logits.shape == (2, 5) and np.isfinite(logits).all()
     assert main(["quantize", str(archive), "-o", str(tmp_path / "no.onnx"), "--budget", "1.5", *FAST]) == 2
     assert "feasible budgets: 2 to 8 average bits" in capsys.readouterr().err and not (tmp_path / "no.onnx").exists()
+
+
+def test_a_budget_forcing_layers_below_four_bits_names_the_smallest_that_does_not():
+    problem = Problem(**{**vars(toy_problem()), "floor": np.array([8] + [0] * 7)})
+    safe = least_safe_cost(problem)
+    assert safe == 8 * problem.params[0] + 4 * problem.params[1:].sum()  # every layer at 4 bits, the pinned one at 8
+    front = frontier(problem)
+    assert below_safe_bits(problem, front.points[choose(front, safe)], "x", safe) is None
+    low = choose(front, safe - 1)
+    forced = [name for name, bits in front.points[low]["bits"].items() if bits < 4]
+    warning = below_safe_bits(problem, front.points[low], "3.9", safe - 1)
+    assert forced and f"forces {len(forced)} of 8 layers" in warning
+    assert f"every layer at 4+ bits is {safe / problem.params.sum():.3g} average bits" in warning
+
+
+def test_a_collapsed_budget_is_refused_and_a_forcing_one_warned(archive, tmp_path, capsys, monkeypatch):
+    """A budget forcing layers below 4 bits is warned about on stderr, with the smallest budget that does not. A model
+    agreeing with the float one on fewer held-out images than MIN_AGREEMENT is refused and nothing written (SmallNet
+    at 2 bits does not collapse, so the bar is raised above what it measures, 100 %, to reach the refusal)."""
+    out = tmp_path / "mixed.onnx"
+    assert main(["quantize", str(archive), "-o", str(out), "--budget", "3.5", "--keep-first-last", "2",
+                 "--reconstruct", "off", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: --budget 3.5 forces \d+ of 5 layers .* every layer at 4\+ bits is 4 average", err)
+    assert out.exists()
+    assert main(["quantize", str(archive), "-o", str(out), "--budget", "6", "--keep-first-last", "2",
+                 "--reconstruct", "off", *FAST]) == 0
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "MIN_AGREEMENT", 100.1)
+    before = out.read_bytes()
+    assert main(["quantize", str(archive), "-o", str(out), "--budget", "3.5", "--keep-first-last", "2",
+                 "--reconstruct", "off", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"agrees with the float one on only \d+ % of 4 held-out distilled images .* has collapsed, "
+                     r"nothing was written", err) and "every layer at 4+ bits from 4 average bits" in err
+    assert out.read_bytes() == before

@@ -8,7 +8,7 @@ import typer
 
 from zeroquant.cli import options as flags
 from zeroquant.cli.app import app, run_in_workers
-from zeroquant.cli.output import key_value_table, parse_shape, print_json, progress_display, stdout
+from zeroquant.cli.output import key_value_table, parse_shape, print_json, progress_display, stdout, warn
 
 
 def default_output(model: str, budget: str | None, wbits: int, abits: int) -> Path:
@@ -80,6 +80,9 @@ def quantize(
     report = result.report
     if not is_main_process():
         return
+    for note in report.notes:
+        if note.startswith("warning: "):
+            warn(note.removeprefix("warning: "))
     if json_out:
         print_json(report.to_dict())
         return

@@ -37,7 +37,7 @@ def test_saved_activations_grow_with_resolution(graph):
     assert matcher.bytes_per_image((3, 32, 32)) > 3.5 * matcher.bytes_per_image(SHAPE)
 
 
-@pytest.mark.parametrize("method", ["zeroq", "genie", "noise"])
+@pytest.mark.parametrize("method", ["zeroq", "genie", "noise", "inversion"])
 def test_a_batch_depends_only_on_the_seed_and_its_index(graph, method):
     distiller = DISTILLERS[method]
     both = distiller.distill(graph, SHAPE, DistillSettings(8, 4, 3, 0.2, 7), CPU, SILENT, [0, 1])

@@ -44,7 +44,7 @@ class InversionDistiller:
             start = (rows // 2, cols // 2) if coarse_steps else (rows, cols)
             images = torch.randn(size, channels, *start, generator=generator).to(device)
             if low is not None:
-                images = (low + high) / 2 + images * (high - low) / 4
+                images = torch.maximum(torch.minimum((low + high) / 2 + images * (high - low) / 4, high), low)
             output_loss = None
             if self.output_weight > 0 and classes > 1:
                 targets = torch.randint(0, classes, (size,), generator=generator).to(device)

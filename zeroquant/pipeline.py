@@ -48,8 +48,10 @@ from zeroquant.search.result import ParetoResult, pareto_data
 from zeroquant.zoo.loading import LoadedModel, resolve_model
 
 PARETO_CHECKED = 5  # frontier points `pareto` measures end to end, besides the chosen one
-MIN_AGREEMENT = 50.0  # % top-1 agreement with the float model on held-out distilled images below which --budget's
-# model has collapsed (Lite0 at 3.67 bits: 0.6 % on photos); uniform W2 on ResNet-20 still agrees on 56 %
+MIN_AGREEMENT = 10.0  # % top-1 agreement with the float model on held-out distilled images below which --budget's
+# model has collapsed. Lite0, 32 ZeroQ images, nearest rounding: --budget 4.0 agrees on 0 % of 16 (it gets 0.2 % top-1
+# on photos), 5.0 on 25 % (with GPTQ, 5.0 agrees with FP32 on 89 % of photos): distilled images sit near class
+# boundaries, so a usable model can agree on few of them
 
 
 @dataclass

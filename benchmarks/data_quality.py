@@ -141,7 +141,6 @@ def run(args) -> None:
     pool, test = splits(args.model)
     reference = logits_of(job.graph_module, test.images)
     fp32 = evaluate_logits(reference.numpy(), test.labels)[0]
-    rows = json.loads(JSON.read_text()) if JSON.exists() else {}
     for source in args.sources.split(","):
         for count in args.images:
             images, seconds, bn_loss = make_images(job, source, count, pool, args)
@@ -151,6 +150,7 @@ def run(args) -> None:
                    "images_per_s": round(count / seconds, 3) if seconds else None,
                    "bn_loss": None if bn_loss != bn_loss else round(bn_loss, 2), "ruler": f"W{wbits}A{abits}",
                    "eval_images": len(test.labels), **provenance()}
+            rows = json.loads(JSON.read_text()) if JSON.exists() else {}  # read again: runs of other sources beside
             rows[f"{args.model}|{count}|{source}"] = row
             JSON.write_text(json.dumps(rows, indent=1, sort_keys=True))
             print(json.dumps({k: row[k] for k in ("model", "images", "source", "top1", "drop", "agreement", "kl",

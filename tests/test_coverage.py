@@ -161,6 +161,19 @@ def test_linear_over_tokens_gets_its_bias_corrected():
     assert result.report.parity["relative_max_diff"] < 0.02
 
 
+def test_linear_over_tokens_runs_in_an_integer_gemm(tmp_path):
+    """A Linear on [batch, tokens, C] was exported as MatMul + Add, which onnxruntime ran as MatMulIntegerToFloat
+    with a float bias Add, dequantize and requantize (levit_128s: 17.7 % integer MACs by the census). Flattened
+    to [batch * tokens, C] around it, it is the QGemm of a 2-D Linear: int32 bias, uint8 output."""
+    model = populated(TokenLinear(), (3, 16, 16))
+    result = zeroquant.quantize(model, tmp_path / "t.onnx", input_shape=(3, 16, 16), **FAST)
+    census = result.report.census
+    assert census["integer_mac_fraction"] == 1.0 and census["float_ops"] == {}, census
+    assert census["op_counts"].get("QGemm") == 1 and "MatMulIntegerToFloat" not in census["op_counts"], census
+    assert "MatMul" not in {n.op_type for n in onnx.load(tmp_path / "t.onnx").graph.node}
+    assert result.report.parity["relative_max_diff"] < 0.02 and result.report.parity["top1_agreement"] == 100
+
+
 class StandardisedConv(nn.Conv2d):
     """A weight-standardised conv as NF-ResNets (timm nf_resnet26, StdConv2d) write it: F.batch_norm over each
     output channel's weights in training mode, at every call, with no BatchNorm layer in the network."""

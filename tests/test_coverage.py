@@ -15,6 +15,9 @@ from torch.export import Dim
 import zeroquant
 from tests.conftest import make_small_net
 from zeroquant.cli.app import main
+from zeroquant.graph.capture import capture
+from zeroquant.graph.decompose import for_quantization
+from zeroquant.graph.ops import aten
 from zeroquant.runtime import run_all, session
 
 FAST = dict(images=8, batch_size=8, iterations=3)
@@ -171,6 +174,50 @@ def test_linear_over_tokens_runs_in_an_integer_gemm(tmp_path):
     assert census["integer_mac_fraction"] == 1.0 and census["float_ops"] == {}, census
     assert census["op_counts"].get("QGemm") == 1 and "MatMulIntegerToFloat" not in census["op_counts"], census
     assert "MatMul" not in {n.op_type for n in onnx.load(tmp_path / "t.onnx").graph.node}
+    assert result.report.parity["relative_max_diff"] < 0.02 and result.report.parity["top1_agreement"] == 100
+
+
+class TokenAttention(nn.Module):
+    """Self-attention over a conv feature map's tokens through F.scaled_dot_product_attention, as timm's attention
+    blocks (MobileViT's among them) call it; `mask` adds a float bias to the scores, `scale` replaces 1/sqrt(d)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, mask: bool = False, scale: float | None = None):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.ReLU())
+        self.qkv, self.proj, self.heads, self.scale = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads, scale
+        self.bias = nn.Parameter(torch.randn(heads, 64, 64)) if mask else None
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        b, n, c = tokens.shape
+        q, k, v = self.qkv(tokens).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias, scale=self.scale)
+        return self.proj(mixed.transpose(1, 2).reshape(b, n, c)).mean(1)
+
+
+@pytest.mark.parametrize("options", [{}, {"mask": True, "scale": 0.3}])
+def test_attention_is_written_out_exactly(options):
+    """The decomposition of scaled_dot_product_attention computes the fused op (float mask and scale included)."""
+    torch.manual_seed(0)
+    model = populated(TokenAttention(**options), (3, 16, 16))
+    folded, _ = for_quantization(capture(model, (3, 16, 16)).graph_module)
+    assert aten.scaled_dot_product_attention.default not in {n.target for n in folded.graph.nodes}
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_attention_runs_in_integer_kernels(tmp_path):
+    """A fused scaled_dot_product_attention was one float island (MatMul, Softmax, MatMul; mobilevit_xxs had 9 of
+    each). Written out, the products run as QLinearMatMul, the scale as QLinearMul and the softmax as
+    QLinearSoftmax, and the file matches the simulation."""
+    torch.manual_seed(0)
+    model = populated(TokenAttention(), (3, 16, 16))
+    result = zeroquant.quantize(model, tmp_path / "a.onnx", input_shape=(3, 16, 16), **FAST)
+    census = result.report.census
+    assert census["float_ops"] == {} and census["integer_mac_fraction"] == 1.0, census
+    for op in ("QLinearMatMul", "QLinearMul", "QLinearSoftmax"):
+        assert census["op_counts"].get(op) == (2 if op == "QLinearMatMul" else 1), census["op_counts"]
     assert result.report.parity["relative_max_diff"] < 0.02 and result.report.parity["top1_agreement"] == 100
 
 

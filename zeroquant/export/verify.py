@@ -110,11 +110,17 @@ def _same_values(model: onnx.ModelProto, values: np.ndarray) -> str | None:
 
 
 NOT_COMPUTE = {"QuantizeLinear", "DequantizeLinear", "Shape", "Size"}
+FLOAT_RESULT_KERNELS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}  # integer products, float output
+
+
+def _writes_float(node: onnx.NodeProto) -> bool:
+    """An integer kernel whose output is float: what reads it runs in float (a QGemm without an output scale)."""
+    return node.op_type in FLOAT_RESULT_KERNELS or (node.op_type == "QGemm" and (len(node.input) < 8 or not node.input[7]))
 
 
 def float_ops(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, int]]:
     """Op types of the nodes that compute on float activations (the model input, a DequantizeLinear of an
-    activation, or another such node's output) in onnxruntime's optimised graph: the float islands, and apart from
+    activation, an integer kernel's float output, or another such node's output) in onnxruntime's optimised graph: the float islands, and apart from
     them the ops that only work on what the model outputs (e.g. an upsampling of the last layer's float output)."""
     constants = {i.name for i in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -122,7 +128,7 @@ def float_ops(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, int]]:
     islands: dict[str, int] = {}
     at_output: dict[str, int] = {}
     for node in graph.node:  # topologically sorted
-        if node.op_type == "DequantizeLinear" and node.input[0] not in constants:
+        if (node.op_type == "DequantizeLinear" and node.input[0] not in constants) or _writes_float(node):
             floating.update(node.output)
         elif node.op_type not in NOT_COMPUTE and any(name in floating for name in node.input):
             found = at_output if set(node.output) <= outputs else islands

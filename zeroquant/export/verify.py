@@ -115,13 +115,16 @@ FLOAT_RESULT_KERNELS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}  # inte
 
 def _writes_float(node: onnx.NodeProto) -> bool:
     """An integer kernel whose output is float: what reads it runs in float (a QGemm without an output scale)."""
-    return node.op_type in FLOAT_RESULT_KERNELS or (node.op_type == "QGemm" and (len(node.input) < 8 or not node.input[7]))
+    if node.op_type == "QGemm":
+        return len(node.input) < 8 or not node.input[7]
+    return node.op_type in FLOAT_RESULT_KERNELS
 
 
 def float_ops(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, int]]:
     """Op types of the nodes that compute on float activations (the model input, a DequantizeLinear of an
-    activation, an integer kernel's float output, or another such node's output) in onnxruntime's optimised graph: the float islands, and apart from
-    them the ops that only work on what the model outputs (e.g. an upsampling of the last layer's float output)."""
+    activation, an integer kernel's float output, or another such node's output) in onnxruntime's optimised graph:
+    the float islands, and apart from them the ops that only work on what the model outputs (e.g. an upsampling of
+    the last layer's float output)."""
     constants = {i.name for i in graph.initializer}
     outputs = {o.name for o in graph.output}
     floating = {i.name for i in graph.input if i.name not in constants}

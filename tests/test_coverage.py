@@ -15,6 +15,7 @@ from torch.export import Dim
 import zeroquant
 from tests.conftest import make_small_net
 from zeroquant.cli.app import main
+from zeroquant.export.verify import KEPT_FLOAT
 from zeroquant.graph.capture import capture
 from zeroquant.graph.decompose import for_quantization
 from zeroquant.graph.ops import aten
@@ -217,6 +218,11 @@ def test_attention_runs_in_integer_kernels(tmp_path):
     result = zeroquant.quantize(model, tmp_path / "a.onnx", input_shape=(3, 16, 16), **FAST)
     census = result.report.census
     assert census["float_ops"] == {"Softmax": 1} and census["integer_mac_fraction"] == 1.0, census
+    assert len(census["integer_products"]) == 2 and census["float_products"] == [], census
+    products = 2 * (2 * 64 * 64 * 8)  # two products over 2 heads of 64 tokens, 8 channels each
+    layers = sum(layer.macs for layer in result.report.layers)
+    assert census["total_macs"] == census["integer_macs"] == layers + products, census
+    assert "Softmax x1: " + KEPT_FLOAT["Softmax"] in result.report.float_ops
     for op in ("MatMulIntegerToFloat", "QLinearMatMul", "QLinearMul"):
         assert census["op_counts"].get(op) == 1, census["op_counts"]
     assert "QLinearSoftmax" not in census["op_counts"]

@@ -47,6 +47,8 @@ from zeroquant.search.result import ParetoResult, pareto_data
 from zeroquant.zoo.loading import LoadedModel, resolve_model
 
 PARETO_CHECKED = 5  # frontier points `pareto` measures end to end, besides the chosen one
+NO_KERNEL = ("onnxruntime has no integer kernel for it, so it runs in float between a DequantizeLinear and a "
+             "QuantizeLinear")
 
 
 @dataclass
@@ -363,8 +365,7 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
                                     "layer_bits": prepared.layer_bits or None},
         layers=[_layer_report(sim, name, macs.get(name, 0)) for name in sim.layers],
         activation_ranges={name: [round(v, 6) for v in q.range] for name, q in sim.activations.items()},
-        float_ops=[f"{op} x{count}: onnxruntime has no integer kernel for it, so it runs in float between a "
-                   f"DequantizeLinear and a QuantizeLinear" for op, count in census.float_ops.items()] +
+        float_ops=[f"{op} x{count}: {verify.KEPT_FLOAT.get(op, NO_KERNEL)}" for op, count in census.float_ops.items()] +
                   [f"{op} x{count}: works on the model's float output"
                    for op, count in census.output_float_ops.items()],
         sizes={"onnx_bytes": len(data), "float32_weight_bytes": float_bytes,

@@ -229,6 +229,30 @@ def test_attention_runs_in_integer_kernels(tmp_path):
     assert result.report.parity["relative_max_diff"] < 0.02 and result.report.parity["top1_agreement"] == 100
 
 
+class LinearAttention(nn.Module):
+    """EfficientViT's ReLU linear attention (timm efficientvit_b0, LiteMLA): q (K^T V), computed in a region with
+    autocast off, which torch.export captures as a subgraph (a higher-order op reading a GraphModule attribute)."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.ReLU())
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.stem(x).flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+        with torch.autocast("cpu", enabled=False):
+            mixed = F.relu(q) @ (F.relu(k).transpose(-1, -2) @ v)
+        return self.proj(mixed).mean(1)
+
+
+def test_attention_in_an_autocast_region_is_captured():
+    """efficientvit_b0 failed at capture ('GraphModule' object has no attribute 'detach'): the constant folding
+    read the autocast region's subgraph as a tensor."""
+    torch.manual_seed(0)
+    result = zeroquant.quantize(populated(LinearAttention(), (3, 16, 16)), input_shape=(3, 16, 16), **FAST)
+    assert result.report.parity["relative_max_diff"] < 0.02
+
+
 class StandardisedConv(nn.Conv2d):
     """A weight-standardised conv as NF-ResNets (timm nf_resnet26, StdConv2d) write it: F.batch_norm over each
     output channel's weights in training mode, at every call, with no BatchNorm layer in the network."""

@@ -245,11 +245,15 @@ class LinearAttention(nn.Module):
         return self.proj(mixed).mean(1)
 
 
-def test_attention_in_an_autocast_region_is_captured():
+def test_attention_in_an_autocast_region_runs_in_integer_kernels():
     """efficientvit_b0 failed at capture ('GraphModule' object has no attribute 'detach'): the constant folding
-    read the autocast region's subgraph as a tensor."""
+    read the autocast region's subgraph as a tensor. Once captured, the region's products stayed float (no pass
+    looked into the subgraph); inlined, both run in integer kernels and the file matches the simulation."""
     torch.manual_seed(0)
     result = zeroquant.quantize(populated(LinearAttention(), (3, 16, 16)), input_shape=(3, 16, 16), **FAST)
+    census = result.report.census
+    assert len(census["integer_products"]) == 2 and census["float_products"] == [], census
+    assert census["integer_mac_fraction"] == 1.0 and census["float_ops"] == {}, census
     assert result.report.parity["relative_max_diff"] < 0.02
 
 

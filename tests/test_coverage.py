@@ -322,6 +322,27 @@ def test_batchnorm_after_linear_is_folded_into_it(tmp_path):
     assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
 
 
+def test_reshapes_of_reshapes_are_merged(tmp_path):
+    """The Linear on tokens is flattened to 2-D and back around its Gemm, and LeViT's folded BatchNorm leaves a
+    flatten and a reshape_as after it: four Reshapes in a row (with Q/DQ pairs between), each one a node onnxruntime
+    runs (levit_128s: 109 such chains). One is left, and the file matches the float model."""
+    model = populated(LinearNorms(), (3, 16, 16))
+    result = zeroquant.quantize(model, tmp_path / "l.onnx", input_shape=(3, 16, 16), **FAST)
+    nodes = onnx.load(tmp_path / "l.onnx").graph.node
+    producer = {out: node for node in nodes for out in node.output}
+    for reshape in [n for n in nodes if n.op_type == "Reshape"]:
+        source = producer.get(reshape.input[0])
+        while source is not None and source.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip"):
+            source = producer.get(source.input[0])
+        assert source is None or source.op_type != "Reshape", reshape.name
+    assert [n.op_type for n in nodes].count("Reshape") == 3  # flatten(2), the Linear's input, its output
+    assert result.report.parity["relative_max_diff"] < 0.02
+    x = np.random.default_rng(0).standard_normal((16, 3, 16, 16), np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert np.abs(run_all(session(tmp_path / "l.onnx"), x)[0] - expected).max() < 0.1 * np.abs(expected).max()
+
+
 class Gate(nn.Module):
     """An SE-style hardsigmoid gate over a conv whose output is exactly 0 wherever the image is: hardsigmoid(0) =
     0.5, half way between two steps of the [0, 1] / 255 grid."""

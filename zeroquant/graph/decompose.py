@@ -7,9 +7,10 @@ built (each measured against the float op it replaces; see benchmarks/RESULTS.md
   of the [0, 1] grid it is read with, see export/integer_model.py) and the product as QLinearMul: 2.1 ms against
   3.1 ms for the float HardSwish, with identical outputs.
 - scaled_dot_product_attention(q, k, v) -> softmax((q * scale) @ k^T (+ mask)) @ v: the fused op is one float
-  island (MatMul, Softmax, MatMul in onnxruntime); written out, each product gets quantized inputs and output and
-  runs as QLinearMatMul, the scale as QLinearMul and the softmax as QLinearSoftmax (timm's attention blocks call
-  it, e.g. MobileViT's).
+  island (MatMul, Softmax, MatMul in onnxruntime); written out, both products read quantized inputs: q K^T runs as
+  MatMulIntegerToFloat (the softmax reads float, see quant/sim.py), attention x V as QLinearMatMul, the scale as
+  QLinearMul (timm's attention blocks call it, e.g. MobileViT's; on mobilevit_xxs the products took 1.17 ms against
+  1.38 ms in float).
 """
 
 from __future__ import annotations

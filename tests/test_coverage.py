@@ -322,6 +322,33 @@ def test_batchnorm_after_linear_is_folded_into_it(tmp_path):
     assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
 
 
+class NormLinearHead(nn.Module):
+    """LeViT's head: the mean over tokens, BatchNorm1d, dropout, Linear (a BN before a Linear, no layer before it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.mix = nn.Linear(16, 24)
+        self.head = nn.Sequential(nn.BatchNorm1d(24), nn.Dropout(0.1), nn.Linear(24, 10))
+
+    def forward(self, x):
+        return self.head(self.mix(self.stem(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_batchnorm_before_linear_is_folded_into_it(tmp_path):
+    """levit_128s kept one float BatchNormalization (its heads' BN on [batch, C], read only by a Linear): folded into
+    the Linear's input columns it leaves no BN, and the float graph computes what the model computes."""
+    model = populated(NormLinearHead(), (3, 16, 16))
+    folded, unfolded = for_quantization(capture(model, (3, 16, 16)).graph_module)
+    assert unfolded == 0 and aten.batch_norm.default not in {n.target for n in folded.graph.nodes}
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    result = zeroquant.quantize(model, tmp_path / "n.onnx", input_shape=(3, 16, 16), **FAST)
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(tmp_path / "n.onnx").graph.node}
+    assert result.report.census["integer_mac_fraction"] == 1.0 and result.report.parity["relative_max_diff"] < 0.02
+
+
 def test_reshapes_of_reshapes_are_merged(tmp_path):
     """The Linear on tokens is flattened to 2-D and back around its Gemm, and LeViT's folded BatchNorm leaves a
     flatten and a reshape_as after it: four Reshapes in a row (with Q/DQ pairs between), each one a node onnxruntime

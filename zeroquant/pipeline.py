@@ -52,6 +52,8 @@ MIN_AGREEMENT = 10.0  # % top-1 agreement with the float model on held-out disti
 # model has collapsed. Lite0, 32 ZeroQ images, nearest rounding: --budget 4.0 agrees on 0 % of 16 (it gets 0.2 % top-1
 # on photos), 5.0 on 25 % (with GPTQ, 5.0 agrees with FP32 on 89 % of photos): distilled images sit near class
 # boundaries, so a usable model can agree on few of them
+NO_KERNEL = ("onnxruntime has no integer kernel for it, so it runs in float between a DequantizeLinear and a "
+             "QuantizeLinear")
 
 
 @dataclass
@@ -380,8 +382,7 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
                                     "layer_bits": prepared.layer_bits or None},
         layers=[_layer_report(sim, name, macs.get(name, 0)) for name in sim.layers],
         activation_ranges={name: [round(v, 6) for v in q.range] for name, q in sim.activations.items()},
-        float_ops=[f"{op} x{count}: onnxruntime has no integer kernel for it, so it runs in float between a "
-                   f"DequantizeLinear and a QuantizeLinear" for op, count in census.float_ops.items()] +
+        float_ops=[f"{op} x{count}: {verify.KEPT_FLOAT.get(op, NO_KERNEL)}" for op, count in census.float_ops.items()] +
                   [f"{op} x{count}: works on the model's float output"
                    for op, count in census.output_float_ops.items()],
         sizes={"onnx_bytes": len(data), "float32_weight_bytes": float_bytes,

@@ -68,7 +68,11 @@ class QuantizedConstant(nn.Module):
 
 
 class IntegerLayer(nn.Module):
-    """conv2d/linear whose weights are an int8 tensor and whose bias an int32 tensor, both dequantized per channel."""
+    """conv2d/linear whose weights are an int8 tensor and whose bias an int32 tensor, both dequantized per channel.
+
+    A linear on tokens ([batch, tokens, C]) is applied to them flattened to [batch * tokens, C]: torch.onnx writes
+    it as Gemm, which onnxruntime fuses into QGemm (int32 bias, uint8 output) and moves the reshapes onto the uint8
+    tensors; a MatMul on 3-D input ran as MatMulIntegerToFloat with a float bias Add and a requantization."""
 
     def __init__(self, layer: QuantizedLayer):
         super().__init__()
@@ -93,6 +97,8 @@ class IntegerLayer(nn.Module):
                                              torch.int32)
         if self.kind == "conv":
             return F.conv2d(x, weight, bias, *self.conv_args)
+        if x.dim() > 2:
+            return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], -1)
         return F.linear(x, weight, bias)
 
 

@@ -27,6 +27,7 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, int, int],
     model = program.model_proto
     _strip_metadata(model)
     fold_zero_pads(model)
+    merge_reshapes(model)
     global_pools(model)
     _rename_value(model, model.graph.input[0].name, INPUT_NAME)
     for output, name in zip(list(model.graph.output), output_names):
@@ -66,11 +67,7 @@ def fold_zero_pads(model: onnx.ModelProto) -> None:
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     removed = set()
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
-        chain, source = [], conv.input[0]
-        while source in producer and producer[source].op_type in ("DequantizeLinear", "QuantizeLinear", "Clip"):
-            chain.append(producer[source])  # the Pad's own Q/DQ (with a uint8 Clip below 8 bits)
-            source = producer[source].input[0]
-        pad = producer.get(source)
+        pad, chain = _behind_qdq(conv.input[0], producer)  # the Pad's own Q/DQ (with a uint8 Clip below 8 bits)
         if pad is None or pad.op_type != "Pad" or len(chain) not in (0, 2, 3):
             continue
         amounts = _spatial_zero_pads(pad, constants)
@@ -88,6 +85,48 @@ def fold_zero_pads(model: onnx.ModelProto) -> None:
     del graph.node[:]
     graph.node.extend(kept)
     drop_unused_initializers(graph)
+
+
+def merge_reshapes(model: onnx.ModelProto) -> None:
+    """A Reshape of a Reshape reads the first one's input instead (the first is dropped where nothing else reads
+    it). A Linear on tokens is flattened to 2-D and back around its Gemm, and LeViT reshapes between its Linears
+    besides: levit_128s had 109 such chains, each a node onnxruntime runs. Between the two there may be a Q/DQ pair
+    (with its b-bit Clip), which acts per element, so it may as well act on the other shape."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    removed, reshaped = set(), set()
+    for reshape in [n for n in graph.node if n.op_type == "Reshape"]:
+        shape = constants.get(reshape.input[1])
+        if shape is None or 0 in shape:  # a 0 copies a dimension of the input, which the merge would change
+            continue
+        first, chain = _behind_qdq(reshape.input[0], producer)
+        if first is None or first.op_type != "Reshape" or len(chain) not in (0, 2, 3) or \
+                any(consumers.get(n.output[0], 0) != 1 for n in [first, *chain]):
+            continue
+        (chain[-1] if chain else reshape).input[0] = first.input[0]
+        removed.add(id(first))
+        reshaped.update(n.output[0] for n in chain)  # their shapes are the first reshape's input's now
+    for value in [v for v in graph.value_info if v.name in reshaped]:
+        graph.value_info.remove(value)
+    kept = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    drop_unused_initializers(graph)
+
+
+def _behind_qdq(name: str, producer: dict) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
+    """The node producing `name` behind a chain of QuantizeLinear / DequantizeLinear / Clip nodes, and that chain
+    (nearest first)."""
+    chain = []
+    while name in producer and producer[name].op_type in ("DequantizeLinear", "QuantizeLinear", "Clip"):
+        chain.append(producer[name])
+        name = producer[name].input[0]
+    return producer.get(name), chain
 
 
 def global_pools(model: onnx.ModelProto) -> None:

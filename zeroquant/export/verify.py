@@ -22,13 +22,19 @@ INTEGER_KERNELS = {
     "QLinearSigmoid", "QLinearConcat", "QLinearLeakyRelu", "QLinearSoftmax",
 }
 
+KEPT_FLOAT = {"Softmax": "kept float (quant/sim.py: FLOAT_READERS), its integer kernel QLinearSoftmax measured 6x "
+                         "slower"}
+
 
 @dataclass
 class Census:
-    """Where the multiply-accumulates of conv/linear layers run once onnxruntime has optimised the graph."""
+    """Where the multiply-accumulates of conv/linear layers and of products of two activations (attention's
+    q K^T and attention x V) run once onnxruntime has optimised the graph."""
 
     integer_layers: list[str] = field(default_factory=list)
     float_layers: list[str] = field(default_factory=list)
+    integer_products: list[str] = field(default_factory=list)  # activation x activation MatMul nodes, by name
+    float_products: list[str] = field(default_factory=list)
     integer_macs: int = 0
     total_macs: int = 0
     op_counts: dict[str, int] = field(default_factory=dict)
@@ -98,7 +104,33 @@ def census(model: onnx.ModelProto, layer_weights: dict[str, str], layer_macs: di
             result.integer_macs += macs
         else:
             result.float_layers.append(layer)
+    kernels = {node.name: node.op_type for node in graph.node}
+    for name, macs in activation_products(model).items():
+        kernel = next((op for fused, op in kernels.items() if fused == name or fused.startswith(f"{name}/")), None)
+        result.total_macs += macs
+        if kernel in INTEGER_KERNELS:
+            result.integer_products.append(name)
+            result.integer_macs += macs
+        else:
+            result.float_products.append(name)
     return result
+
+
+def activation_products(model: onnx.ModelProto) -> dict[str, int]:
+    """MACs per image of every MatMul node of `model` whose two inputs both vary with the input (no weight among
+    them), by node name; onnxruntime keeps that name, with a suffix, on the kernel it fuses the node into."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]  # a symbolic batch counts as 1
+              for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    constant = {init.name for init in graph.initializer}
+    products = {}
+    for node in graph.node:
+        if all(name in constant for name in node.input if name):
+            constant.update(node.output)
+        elif node.op_type == "MatMul" and not constant & set(node.input) and node.input[0] in shapes and \
+                node.output[0] in shapes:
+            products[node.name] = int(np.prod(shapes[node.output[0]])) * shapes[node.input[0]][-1]
+    return products
 
 
 def _same_values(model: onnx.ModelProto, values: np.ndarray) -> str | None:
@@ -110,19 +142,28 @@ def _same_values(model: onnx.ModelProto, values: np.ndarray) -> str | None:
 
 
 NOT_COMPUTE = {"QuantizeLinear", "DequantizeLinear", "Shape", "Size"}
+FLOAT_RESULT_KERNELS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}  # integer products, float output
+
+
+def _writes_float(node: onnx.NodeProto) -> bool:
+    """An integer kernel whose output is float: what reads it runs in float (a QGemm without an output scale)."""
+    if node.op_type == "QGemm":
+        return len(node.input) < 8 or not node.input[7]
+    return node.op_type in FLOAT_RESULT_KERNELS
 
 
 def float_ops(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, int]]:
     """Op types of the nodes that compute on float activations (the model input, a DequantizeLinear of an
-    activation, or another such node's output) in onnxruntime's optimised graph: the float islands, and apart from
-    them the ops that only work on what the model outputs (e.g. an upsampling of the last layer's float output)."""
+    activation, an integer kernel's float output, or another such node's output) in onnxruntime's optimised graph:
+    the float islands, and apart from them the ops that only work on what the model outputs (e.g. an upsampling of
+    the last layer's float output)."""
     constants = {i.name for i in graph.initializer}
     outputs = {o.name for o in graph.output}
     floating = {i.name for i in graph.input if i.name not in constants}
     islands: dict[str, int] = {}
     at_output: dict[str, int] = {}
     for node in graph.node:  # topologically sorted
-        if node.op_type == "DequantizeLinear" and node.input[0] not in constants:
+        if (node.op_type == "DequantizeLinear" and node.input[0] not in constants) or _writes_float(node):
             floating.update(node.output)
         elif node.op_type not in NOT_COMPUTE and any(name in floating for name in node.input):
             found = at_output if set(node.output) <= outputs else islands

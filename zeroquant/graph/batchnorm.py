@@ -45,16 +45,19 @@ def batchnorm_stats(graph_module: torch.fx.GraphModule) -> list[BatchNormStats]:
 
 def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
     """A copy with every BN that directly follows a conv/linear (its only user; for a linear, maybe through reshapes
-    of its leading dimensions) folded into that layer's weights, and
-    every other BN of an image tensor (pre-activation BN, as in DenseNet: BN -> ReLU -> conv, after a concat) turned
-    into the depthwise 1x1 conv it equals, which onnxruntime runs as an integer QLinearConv with the ReLU absorbed.
+    of its leading dimensions) folded into that layer's weights, a BN of an [N, C] tensor that only a linear reads
+    (LeViT's heads: BN -> dropout -> Linear) folded into that linear's input columns, and every other BN of an image
+    tensor (pre-activation BN, as in DenseNet: BN -> ReLU -> conv, after a concat) turned into the depthwise 1x1 conv
+    it equals, which onnxruntime runs as an integer QLinearConv with the ReLU absorbed.
 
-    Returns the new module and how many BN layers were not folded into a layer before them.
+    Returns the new module and how many BN layers were not folded into a layer (before or after them).
     """
     gm = copy.deepcopy(graph_module)
     unfolded = 0
     for node in batchnorm_nodes(gm):
         producer = _folding_target(node)
+        if producer is None and _fold_into_next_linear(gm, node):
+            continue
         if producer is None:
             unfolded += 1
             _as_depthwise_conv(gm, node)
@@ -106,6 +109,31 @@ def _folding_target(node: torch.fx.Node) -> torch.fx.Node | None:
     return source
 
 
+def _fold_into_next_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """W @ (x * s + t) + b = (W * s) @ x + (b + W @ t) for a BN on [N, C] whose only reader, through eval-mode
+    dropouts, is a linear's input; True when folded. (Before a conv the zero padding would see the shift.)"""
+    reader = node
+    while len(reader.users) == 1 and next(iter(reader.users)).target in DROPOUTS:
+        reader = next(iter(reader.users))
+    linear = next(iter(reader.users)) if len(reader.users) == 1 else None
+    if _rank(node) != 2 or linear is None or linear.target != aten.linear.default or linear.args[0] is not reader:
+        return False
+    gamma, beta, mean, var, eps = _bn_params(gm, node)
+    scale = gamma / torch.sqrt(var + eps)
+    weight = attribute_value(gm, linear.args[1])
+    bias = attribute_value(gm, linear.args[2]) if len(linear.args) > 2 and linear.args[2] is not None else \
+        torch.zeros(weight.shape[0])
+    base = layer_name(linear).replace(".", "_")
+    with gm.graph.inserting_before(linear):
+        new_weight = _register(gm, f"{base}_weight", weight * scale)
+        new_bias = _register(gm, f"{base}_bias", bias + weight @ (beta - mean * scale))
+    linear.args = (linear.args[0], new_weight, new_bias)
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+    return True
+
+
+DROPOUTS = {aten.dropout.default, aten.dropout_.default, aten.alias.default, aten.clone.default}
 SHAPE_OF_SECOND = {aten.reshape_as.default, aten.view_as.default, aten.expand_as.default}
 
 

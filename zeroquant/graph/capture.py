@@ -42,6 +42,7 @@ def capture(module: torch.nn.Module, input_shape: tuple[int, int, int]) -> Captu
         exported = _export(module, input_shape)
     graph_module = exported.module()
     _drop_guards(graph_module)
+    _inline_autocast_off(graph_module)
     fold_parameter_ops(graph_module)
     _read_batch_size_locally(graph_module)
     return CapturedModel(graph_module, tuple(input_shape), _flat_outputs(graph_module, exported.call_spec.out_spec),
@@ -171,6 +172,35 @@ def _drop_guards(graph_module: torch.fx.GraphModule) -> None:
         if node.op == "call_module" and node.target == "_guards_fn":
             graph_module.graph.erase_node(node)
     graph_module.graph.lint()
+    graph_module.recompile()
+
+
+def _inline_autocast_off(graph_module: torch.fx.GraphModule) -> None:
+    """torch.export writes a `torch.autocast(enabled=False)` region (EfficientViT's attention) as a higher-order op
+    calling a subgraph, which no later pass looks into: its products stayed float. With autocast off it computes
+    what its ops compute, so they are copied into the graph in its place."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.higher_order.wrap_with_autocast or node.args[2]:
+            continue  # an enabled region changes dtypes: kept as it is
+        subgraph = operator.attrgetter(node.args[4].target)(graph_module)
+        if any(n.op in ("get_attr", "call_module") for n in subgraph.graph.nodes):
+            continue
+        inputs = [n for n in subgraph.graph.nodes if n.op == "placeholder"]
+        values = dict(zip(inputs, node.args[5:]))
+        with graph.inserting_before(node):
+            for inner in subgraph.graph.nodes:
+                if inner.op == "output":
+                    results = inner.args[0]
+                elif inner.op != "placeholder":
+                    values[inner] = graph.node_copy(inner, values.__getitem__)
+        for user in list(node.users):  # getitem(region, i)
+            user.replace_all_uses_with(values[results[user.args[1]]])
+            graph.erase_node(user)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph_module.delete_all_unused_submodules()
+    graph.lint()
     graph_module.recompile()
 
 

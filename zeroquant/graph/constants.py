@@ -5,6 +5,8 @@ distil from, no training-mode graph)."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from zeroquant.graph.ops import attribute_value
@@ -31,9 +33,8 @@ def fold_parameter_ops(graph_module: torch.fx.GraphModule) -> int:
     constant: dict[torch.fx.Node, torch.Tensor] = {}
     for node in list(graph.nodes):
         if node.op == "get_attr":
-            value = attribute_value(graph_module, node)
-            if isinstance(value, torch.Tensor):
-                constant[node] = value
+            if isinstance(operator.attrgetter(node.target)(graph_module), torch.Tensor):  # not a subgraph
+                constant[node] = attribute_value(graph_module, node)
             continue
         if node.op != "call_function" or not node.all_input_nodes or \
                 any(n not in constant for n in node.all_input_nodes):

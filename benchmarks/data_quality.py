@@ -73,6 +73,18 @@ def real_images(pool: ImageSet, count: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.stack(flipped)))
 
 
+def split_sources(text: str) -> list[str]:
+    """'real,inversion:iterations=80,coarse=0,zeroq' -> ['real', 'inversion:iterations=80,coarse=0', 'zeroq']: a
+    key=value item belongs to the source before it."""
+    sources: list[str] = []
+    for item in filter(None, text.split(",")):
+        if "=" in item and ":" not in item and sources:
+            sources[-1] += "," + item
+        else:
+            sources.append(item)
+    return sources
+
+
 def parse_source(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     knobs = {}
@@ -93,7 +105,7 @@ def make_images(job, source: str, count: int, pool: ImageSet, args) -> tuple[tor
         return torch.randn(count, *job.shape, generator=generator), 0.0, float("nan")
     if name == "mct":
         return mct_images(job, count, knobs, args)
-    settings = DistillSettings(count, args.batch_size, calibration_sets.default_iterations(job.shape), 0.2,
+    settings = DistillSettings(count, args.batch_size, calibration_sets.default_iterations(job.shape, name), 0.2,
                                args.seed, pixel_range(job))
     settings = dataclasses.replace(settings, **{k: v for k, v in knobs.items() if k in SETTINGS})
     distiller = calibration_sets.DISTILLERS[name]
@@ -141,7 +153,7 @@ def run(args) -> None:
     pool, test = splits(args.model)
     reference = logits_of(job.graph_module, test.images)
     fp32 = evaluate_logits(reference.numpy(), test.labels)[0]
-    for source in args.sources.split(","):
+    for source in split_sources(args.sources):
         for count in args.images:
             images, seconds, bn_loss = make_images(job, source, count, pool, args)
             scored = score(job, images, test, reference)

@@ -105,7 +105,7 @@ def make_images(job, source: str, count: int, pool: ImageSet, args) -> tuple[tor
         return torch.randn(count, *job.shape, generator=generator), 0.0, float("nan")
     if name == "mct":
         return mct_images(job, count, knobs, args)
-    settings = DistillSettings(count, args.batch_size, calibration_sets.default_iterations(job.shape, name), 0.2,
+    settings = DistillSettings(count, args.batch_size, calibration_sets.default_iterations(job.shape), 0.2,
                                args.seed, pixel_range(job))
     settings = dataclasses.replace(settings, **{k: v for k, v in knobs.items() if k in SETTINGS})
     distiller = calibration_sets.DISTILLERS[name]

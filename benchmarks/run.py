@@ -91,7 +91,9 @@ def zeroquant(options: QuantizeOptions) -> Builder:
 
 
 # More zeroquant rows (W4A8, W4A4, mixed precision) are one line each here.
-ZEROQUANT: list[tuple[str, Builder]] = [("zeroquant W8A8", zeroquant(QuantizeOptions()))]
+ZEROQUANT: list[tuple[str, Builder]] = [
+    ("zeroquant W8A8", zeroquant(QuantizeOptions())),
+    ("zeroquant W8A8, ZeroQ images (the default before 0.2.0)", zeroquant(QuantizeOptions(method="zeroq")))]
 ORT: list[tuple[str, Builder]] = [
     ("ORT dynamic", lambda job, out: ort_dynamic(job.fp32, out)),
     ("ORT static, noise calib", lambda job, out: ort_static(job.fp32, out, job.noise)),

@@ -41,7 +41,7 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert "ZeroQ distillation: " in done.stdout and "verify: " in done.stdout
+    assert "Inversion distillation: " in done.stdout and "verify: " in done.stdout
     fraction, size = lines[next(i for i, line in enumerate(lines) if line.startswith("write: ")) + 1].split()
     assert float(fraction) == 1.0 and int(size) == (tmp_path / "model.onnx").stat().st_size
     assert lines[-1] == "torch.Size([32, 3, 32, 32])"
@@ -81,8 +81,8 @@ def test_progress_callback_and_silence(tmp_path, capfd):
     zeroquant.quantize(make_small_net(), tmp_path / "m.onnx", input_shape=SHAPE, progress=events.append,
                        cache=False, **FAST)
     finished = [e.stage for e in events if e.finished]
-    assert finished == ["capture", "ZeroQ distillation", "calibrate", "bias correction", "export", "verify", "write"]
-    steps = [e.done for e in events if e.stage == "ZeroQ distillation"]
+    assert finished == ["capture", "Inversion distillation", "calibrate", "bias correction", "export", "verify", "write"]
+    steps = [e.done for e in events if e.stage == "Inversion distillation"]
     assert steps == [0, 1, 2, 3, 4, 5, 5]
     assert capfd.readouterr() == ("", "")  # the library itself never prints
 
@@ -98,7 +98,7 @@ def test_stage_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert [line.split(" ...")[0] for line in lines] == [
-        "zeroquant: capture", "zeroquant: ZeroQ distillation (5 steps)", "zeroquant: calibrate",
+        "zeroquant: capture", "zeroquant: Inversion distillation (5 steps)", "zeroquant: calibrate",
         "zeroquant: bias correction", "zeroquant: export", "zeroquant: verify", "zeroquant: write"]
     assert all(re.fullmatch(r".* \.\.\. \d+\.\d s", line) for line in lines), lines
     assert "integer MACs" in done.stdout

@@ -91,8 +91,8 @@ def _rank(rank: int, port: int, folder: str) -> None:
 
         DISTILLERS["zeroq"].distill = out_of_memory
     try:
-        zeroquant.quantize(make_small_net(), os.path.join(folder, "m.onnx"), input_shape=(3, 16, 16), images=8,
-                           batch_size=4, iterations=3, device="cpu")
+        zeroquant.quantize(make_small_net(), os.path.join(folder, "m.onnx"), input_shape=(3, 16, 16), method="zeroq",
+                           images=8, batch_size=4, iterations=3, device="cpu")
         outcome = "no error"
     except zeroquant.ZeroQuantError as exc:
         outcome = f"{type(exc).__name__} {exc.exit_code}: {exc}\n{exc.traceback_text}"

@@ -27,7 +27,7 @@ class QuantizeOptions:
     wbits_choices: tuple[int, ...] = DEFAULT_CHOICES  # candidate weight bits per layer for budget / pareto
     objective: str = "size"  # the frontier's cost axis: size (packed weight bits) or bops
     layer_bits: dict[str, int] | None = None  # explicit weight bits per layer (over wbits)
-    method: str = "zeroq"  # calibration images: zeroq, genie or noise
+    method: str = "inversion"  # calibration images: inversion, zeroq, genie or noise
     ranges: str = "mse"  # activation range method
     images: int = 32
     batch_size: int = 32

@@ -106,8 +106,7 @@ def distill_set(job: Job, seed: int | None = None, images: int | None = None) ->
     """The distilled calibration set (from the cache when it was made before) and whether it came from the cache."""
     options = job.options
     settings = DistillSettings(images or options.images, options.batch_size,
-                               options.iterations or calibration_sets.default_iterations(job.shape, options.method),
-                               options.lr,
+                               options.iterations or calibration_sets.default_iterations(job.shape), options.lr,
                                options.seed if seed is None else seed, pixel_range(job))
     return calibration_sets.distill(job.graph_module, job.shape, options.method, settings,
                                     resolve_device(options.device), job.captured.digest, options.cache, job.progress,

@@ -1,10 +1,11 @@
 """Model inversion with the levers of DeepInversion (Yin et al. 2020) and Sony MCT's data generation on ZeroQ's loss:
 free pixels like ZeroQ, but every step sees the batch randomly shifted (circular roll) and flipped, so the pixels
 cannot fit one sampling grid (ZeroQ's images turn into high-frequency noise that calibrates badly); a cross-entropy
-term towards a random class per image, so the batch is not all one class and the logits have realistic range; the
-first part of the steps at half resolution, then bilinearly upsampled and refined (coarse structure is cheap to find
-and the full-resolution steps then only add detail); pixels clipped to the range the preprocessing can produce; and a
-cosine-decayed learning rate. The BN loss is base.py's, so final losses compare with ZeroQ's and Genie's.
+term towards a random class per image, so the batch is not all one class and the logits have realistic range;
+pixels clipped to the range the preprocessing can produce; and a cosine-decayed learning rate. `coarse` spends the
+first part of the steps at half resolution, then upsamples and refines: cheaper steps and smoother images, but on
+EfficientNet-Lite0 (W4A8, benchmarks/data_quality.py) half of 80 steps at 112 px calibrated worse than 50 or 80 steps
+at 224 px, so it is off by default. The BN loss is base.py's, so final losses compare with ZeroQ's and Genie's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class InversionDistiller:
     shift: float = 0.125  # largest random roll, as a fraction of the image side
     flip: bool = True  # random horizontal flip every step
     output_weight: float = 1.0  # weight of the cross-entropy to each image's random class (0: BN loss only)
-    coarse: float = 0.5  # fraction of the steps spent at half resolution
+    coarse: float = 0.0  # fraction of the steps spent at half resolution (off: it measured worse on Lite0)
 
     def key(self) -> dict:
         """What shapes the images besides DistillSettings (part of the cache key)."""

@@ -20,7 +20,7 @@ INPUT_RANGE = typer.Option(None, "--input-range", help="LOW,HIGH: the range your
                                                         "from the first conv + BN).")
 WBITS = typer.Option(8, "--wbits", help="Weight bits.")
 ABITS = typer.Option(8, "--abits", help="Activation bits.")
-METHOD = typer.Option("zeroq", "--method", help="Calibration images: zeroq, genie or noise.")
+METHOD = typer.Option("inversion", "--method", help="Calibration images: inversion, zeroq, genie or noise.")
 RANGES = typer.Option("mse", "--ranges", help=f"Activation range method: {', '.join(RANGE_METHODS)} (analytic: "
                                               "from the BN statistics; auto: the best of all, per tensor).")
 IMAGES = typer.Option(32, "--images", help="Number of distilled images.")

@@ -15,7 +15,7 @@ from zeroquant.quant.reconstruct import EFFORTS, Effort, find_blocks
 from zeroquant.quant.sim import build_quantsim
 from zeroquant.zoo.loading import LoadedModel
 
-FAST = dict(images=16, batch_size=16, iterations=10, effort="fast")
+FAST = dict(images=16, batch_size=16, iterations=200, effort="fast")  # 200: the default steps at 16 px
 
 
 def test_blocks_follow_the_graph():

@@ -16,7 +16,7 @@ from zeroquant.options import QuantizeOptions
 from zeroquant.pipeline import quantize
 from zeroquant.zoo.loading import LoadedModel
 
-FAST = dict(images=8, batch_size=8, iterations=5)
+FAST = dict(images=8, batch_size=8, iterations=50)  # inversion images after 5 steps are still their start noise
 
 
 def loaded_small_net() -> LoadedModel:
@@ -29,7 +29,7 @@ def fresh_inputs(n: int = 256) -> np.ndarray:
 
 
 def assert_w8a8_fidelity(quantized: np.ndarray, reference: np.ndarray) -> None:
-    """W8A8 against the float model, tight enough that a broken W8A8 fails: measured 3.0-3.4 % max and 1.0 % mean
+    """W8A8 against the float model, tight enough that a broken W8A8 fails: measured 3.0-3.6 % max and 1.0-1.2 % mean
     relative error, 100 % argmax agreement; activation ranges clipped to 0.7x (a calibration bug the parity gate
     cannot see: the simulation has it too) give 11.5 % / 3.8 %, and to 0.5x 24 % / 10 %."""
     assert np.abs(quantized - reference).max() < 0.08 * np.abs(reference).max()

@@ -161,9 +161,9 @@ def run(args) -> None:
                    "drop": round(fp32 - scored["top1"], 2), **scored, "seconds": round(seconds, 1),
                    "images_per_s": round(count / seconds, 3) if seconds else None,
                    "bn_loss": None if bn_loss != bn_loss else round(bn_loss, 2), "ruler": f"W{wbits}A{abits}",
-                   "eval_images": len(test.labels), **provenance()}
+                   "eval_images": len(test.labels), "seed": args.seed, **provenance()}
             rows = json.loads(JSON.read_text()) if JSON.exists() else {}  # read again: runs of other sources beside
-            rows[f"{args.model}|{count}|{source}"] = row
+            rows[f"{args.model}|{count}|{source}" + (f"|seed {args.seed}" if args.seed else "")] = row
             JSON.write_text(json.dumps(rows, indent=1, sort_keys=True))
             print(json.dumps({k: row[k] for k in ("model", "images", "source", "top1", "drop", "agreement", "kl",
                                                   "seconds")}), flush=True)
@@ -172,27 +172,35 @@ def run(args) -> None:
 
 def markdown(rows: dict) -> str:
     lines = ["## Calibration data quality: one quantizer, only the images change", "",
-             "The ruler: GPTQ rounding, calibration only, seed 0; depthwise, first and last layers at 8 bits. Scored "
+             "The ruler: GPTQ rounding, calibration only; depthwise, first and last layers at 8 bits. Scored "
              "on photos no source saw (Lite0: the odd-indexed 250 of the 500 ImageNet samples, real calibration "
              "photos come from the even-indexed half; ResNets: CIFAR-10 test images, real ones from the training "
              "images). Gap: the drop minus the drop with the same number of real photos. Seconds: making the "
-             "images on this machine (distillation; MCT's generation in its own process).", ""]
+             "images on this machine (distillation; MCT's generation in its own process). The seed picks the real "
+             "photos, the distillation's start and the quantizer's; run: which command measured the row (below each "
+             "table).", ""]
     by_model: dict = {}
     for row in rows.values():
-        by_model.setdefault((row["model"], row["images"]), []).append(row)
-    for (model, count), group in sorted(by_model.items()):
+        by_model.setdefault((row["model"], row["images"], row.get("seed", 0)), []).append(row)
+    for (model, count, seed), group in sorted(by_model.items()):
         real = next((r for r in group if r["source"] == "real"), None)
         first = group[0]
-        lines += [f"### {model}, {first['ruler']}, {count} images (FP32 top-1 {first['fp32_top1']:.2f} on "
-                  f"{first['eval_images']} images)", "",
-                  "| source | top-1 | drop | gap to real | agreement % | KL | seconds | images/s |",
-                  "|---|--:|--:|--:|--:|--:|--:|--:|"]
+        runs = sorted({(r["versions"]["zeroquant"], r["command"]) for r in group},
+                      key=lambda run: min(r["date"] for r in group if (r["versions"]["zeroquant"], r["command"]) == run))
+        lines += [f"### {model}, {first['ruler']}, {count} images, seed {seed} (FP32 top-1 {first['fp32_top1']:.2f} "
+                  f"on {first['eval_images']} images)", "",
+                  "| source | top-1 | drop | gap to real | agreement % | KL | seconds | images/s | run |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in sorted(group, key=lambda r: r["drop"]):
             gap = f"{r['drop'] - real['drop']:+.2f}" if real else "–"
             rate = f"{r['images_per_s']:.3f}" if r["images_per_s"] else "–"
             lines.append(f"| {r['source']} | {r['top1']:.2f} | {r['drop']:.2f} | {gap} | {r['agreement']:.1f} | "
-                         f"{r['kl']:.3f} | {r['seconds']:.0f} | {rate} |")
-        lines += ["", *provenance_lines(max(group, key=lambda r: r["date"])), ""]
+                         f"{r['kl']:.3f} | {r['seconds']:.0f} | {rate} | "
+                         f"{runs.index((r['versions']['zeroquant'], r['command'])) + 1} |")
+        latest = provenance_lines(max(group, key=lambda r: r["date"]))
+        lines += ["", latest[1], latest[2].split(", zeroquant")[0],
+                  *(f"- run {i}: zeroquant {version}: `{command}`" for i, (version, command) in enumerate(runs, 1)),
+                  f"- dates: {min(r['date'] for r in group)[:16]} to {max(r['date'] for r in group)[:16]}", ""]
     return "\n".join(lines)
 
 

@@ -16,12 +16,9 @@ import torch
 
 import model_compression_toolkit as mct
 from model_compression_toolkit.data_generation import ImageNormalizationType
+from model_compression_toolkit.data_generation.pytorch.image_pipeline import image_normalization_dict
 from zeroquant.calib.base import CalibSet
 from zeroquant.zoo.loading import resolve_model
-
-# MCT normalises with one of three fixed tables: the one nearest the zoo entry's mean/std (x 255)
-NORMALISATIONS = {ImageNormalizationType.TORCHVISION: (0.485, 0.456, 0.406),
-                  ImageNormalizationType.KERAS_APPLICATIONS: (0.5, 0.5, 0.5)}
 
 
 def main() -> None:
@@ -34,17 +31,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     loaded = resolve_model(f"zoo:{args.model}", None, None, False)
-    mean = loaded.preprocessing.mean
-    normalisation = min(NORMALISATIONS, key=lambda k: sum(abs(a - b) for a, b in zip(NORMALISATIONS[k], mean)))
+    # MCT knows a fixed mean/std table per ImageNormalizationType, and versions differ in which (2.1 has no Keras
+    # table for PyTorch): its torchvision entry carries the model's own preprocessing, so the pixel range is exact
+    normalisation = ImageNormalizationType.TORCHVISION
+    image_normalization_dict[normalisation] = [list(loaded.preprocessing.mean), list(loaded.preprocessing.std)]
     config = mct.data_generation.get_pytorch_data_generation_config(
         n_iter=args.iterations, data_gen_batch_size=args.batch_size, image_normalization_type=normalisation)
     torch.manual_seed(args.seed)
     clock = time.perf_counter()
-    images = mct.data_generation.pytorch_data_generation_experimental(
-        loaded.module.eval(), args.count, loaded.shape(None)[1:], config)
+    rows, cols = loaded.shape(None)[1:]
+    if rows != cols:
+        raise SystemExit(f"MCT's data generation makes square images only; {args.model} takes {rows}x{cols}")
+    images = mct.data_generation.pytorch_data_generation_experimental(loaded.module.eval(), args.count, rows, config)
     seconds = time.perf_counter() - clock
     calib = CalibSet(torch.cat(images).float().cpu(), "mct",
-                     {"iterations": args.iterations, "seconds": seconds, "normalisation": normalisation.value})
+                     {"iterations": args.iterations, "seconds": seconds,
+                      "normalisation": image_normalization_dict[normalisation]})
     with open(args.output, "wb") as file:
         file.write(calib.to_bytes())
 

@@ -54,23 +54,19 @@ class Variant:
         return replace(base, **dict(self.options), budget=self.budget)
 
 
-ZEROQ = (("method", "zeroq"),)  # the rows measured while ZeroQ was the default keep their images
-
-
 def _lowbit(effort: str) -> list[Variant]:
     """ZeroQ vs Genie x calibration only vs reconstruction x W4A4 / W4A8, and mixed precision at 4.0 bits (A8)."""
     variants = [Variant(f"{method} W{w}A{a} {'reconstructed' if recon else 'calibration only'}",
                         (("method", method), ("wbits", w), ("abits", a),
                          ("reconstruct", "on" if recon else "off"), ("effort", effort)))
                 for method in ("zeroq", "genie") for w, a in ((4, 4), (4, 8)) for recon in (False, True)]
-    return variants + [Variant("zeroq mixed 4.0 bits A8 reconstructed",
-                               (*ZEROQ, ("reconstruct", "on"), ("effort", effort)), budget="4.0")]
+    return variants + [Variant("zeroq mixed 4.0 bits A8 reconstructed", (("reconstruct", "on"), ("effort", effort)),
+                               budget="4.0")]
 
 
 def _ablation(extra: tuple[Variant, ...] = ()) -> list[Variant]:
-    """The W8A8 defaults with ZeroQ images (the rows measured while it was the default), then one ingredient
-    changed per row."""
-    rows = [Variant("base (zeroq, mse ranges, bias correction auto, rounding auto, --target-cpu auto)"),
+    """The W8A8 defaults with ZeroQ images (the suites' base), then one ingredient changed per row."""
+    return [Variant("base (zeroq, mse ranges, bias correction auto, rounding auto, --target-cpu auto)"),
             Variant("calibration: inversion (the default since 0.2.0)", (("method", "inversion"),)),
             Variant("calibration: Gaussian noise", (("method", "noise"),)),
             Variant("calibration: genie", (("method", "genie"),)),
@@ -83,7 +79,6 @@ def _ablation(extra: tuple[Variant, ...] = ()) -> list[Variant]:
             Variant("weight grid: --target-cpu int32-dot (full int8)", (("target_cpu", "int32-dot"),)),
             Variant("rounding: gptq at 8 bits too", (("rounding", "gptq"),)),
             *extra]
-    return [replace(row, options=(*ZEROQ, *row.options)) for row in rows]
 
 
 def _rounding_r20() -> list[Variant]:
@@ -94,9 +89,8 @@ def _rounding_r20() -> list[Variant]:
                        ("reconstruct", "on" if recon else "off")))
               for method, recon in (("zeroq", False), ("genie", False), ("zeroq", True))
               for rounding in ("nearest", "gptq")),
-            Variant("zeroq W4A8 gptq, calibration only",
-                    (*ZEROQ, ("wbits", 4), ("rounding", "gptq"), ("reconstruct", "off"))),
-            Variant("zeroq mixed 4.0 bits A8 gptq, calibration only", (*ZEROQ, ("reconstruct", "off")), budget="4.0")]
+            Variant("zeroq W4A8 gptq, calibration only", (("wbits", 4), ("rounding", "gptq"), ("reconstruct", "off"))),
+            Variant("zeroq mixed 4.0 bits A8 gptq, calibration only", (("reconstruct", "off"),), budget="4.0")]
 
 
 SUITES = {
@@ -105,23 +99,22 @@ SUITES = {
         "resnet32_cifar10": _lowbit("fast"),
         "efficientnet_lite0": [
             Variant("zeroq W4A8 (depthwise at 4 bits) calibration only",
-                    (*ZEROQ, ("wbits", 4), ("reconstruct", "off"), ("keep_depthwise", 0))),
+                    (("wbits", 4), ("reconstruct", "off"), ("keep_depthwise", 0))),
             Variant("zeroq W4A8 (depthwise at 4 bits) reconstructed (fast)",
-                    (*ZEROQ, ("wbits", 4), ("effort", "fast"), ("keep_depthwise", 0))),
-            Variant("zeroq W4A8 calibration only", (*ZEROQ, ("wbits", 4), ("reconstruct", "off"))),
-            Variant("zeroq W4A8 reconstructed (fast)", (*ZEROQ, ("wbits", 4), ("effort", "fast"))),
-            Variant("zeroq mixed 5.0 bits A8 calibration only", (*ZEROQ, ("reconstruct", "off")), budget="5.0"),
-            Variant("zeroq mixed 5.0 bits A8 reconstructed (fast)", (*ZEROQ, ("effort", "fast")), budget="5.0")],
+                    (("wbits", 4), ("effort", "fast"), ("keep_depthwise", 0))),
+            Variant("zeroq W4A8 calibration only", (("wbits", 4), ("reconstruct", "off"))),
+            Variant("zeroq W4A8 reconstructed (fast)", (("wbits", 4), ("effort", "fast"))),
+            Variant("zeroq mixed 5.0 bits A8 calibration only", (("reconstruct", "off"),), budget="5.0"),
+            Variant("zeroq mixed 5.0 bits A8 reconstructed (fast)", (("effort", "fast"),), budget="5.0")],
     },
     "rounding": {
         "resnet20_cifar10": _rounding_r20(),
         "efficientnet_lite0": [
-            Variant("zeroq W4A8 nearest, calibration only", (*ZEROQ, ("wbits", 4), ("rounding", "nearest"),
+            Variant("zeroq W4A8 nearest, calibration only", (("wbits", 4), ("rounding", "nearest"),
                                                              ("reconstruct", "off"))),
-            Variant("zeroq W4A8 gptq, calibration only",
-                    (*ZEROQ, ("wbits", 4), ("rounding", "gptq"), ("reconstruct", "off"))),
-            Variant("zeroq mixed 5.0 bits A8 gptq, calibration only", (*ZEROQ, ("reconstruct", "off")), budget="5.0"),
-            Variant("zeroq mixed 4.0 bits A8 gptq, calibration only", (*ZEROQ, ("reconstruct", "off")), budget="4.0")],
+            Variant("zeroq W4A8 gptq, calibration only", (("wbits", 4), ("rounding", "gptq"), ("reconstruct", "off"))),
+            Variant("zeroq mixed 5.0 bits A8 gptq, calibration only", (("reconstruct", "off"),), budget="5.0"),
+            Variant("zeroq mixed 4.0 bits A8 gptq, calibration only", (("reconstruct", "off"),), budget="4.0")],
     },
     "ablation": {
         "resnet20_cifar10": _ablation((Variant("learned rounding at 8 bits (reconstruct on)",
@@ -148,7 +141,7 @@ def run_model(name: str, variants: list[Variant], args, progress, log) -> dict:
     fp32_top1 = evaluate_logits(reference, data.labels)[0]
     calibs, distill_s, rows = {}, {}, []
     for variant in variants:
-        job.options = variant.quantize_options(QuantizeOptions(seed=args.seed))
+        job.options = variant.quantize_options(suite_base(args.seed))
         method = job.options.method
         if method not in calibs:
             log(f"{name}: distilling ({method})")
@@ -186,6 +179,11 @@ def _average_bits(sim) -> float:
     """Weight bits averaged over parameters (what --budget constrains)."""
     layers = sim.layers.values()
     return round(sum(layer.weight.numel() * layer.bits for layer in layers) / sum(l.weight.numel() for l in layers), 2)
+
+
+def suite_base(seed: int) -> QuantizeOptions:
+    """The suites' base: ZeroQ images, the default when their rows were measured (rows name another method)."""
+    return QuantizeOptions(seed=seed, method="zeroq")
 
 
 SIM_CHECKED = {"lowbit", "rounding"}  # suites that also run the simulation on the evaluation set (about 1 min per Lite0 row)

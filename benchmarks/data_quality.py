@@ -185,8 +185,8 @@ def markdown(rows: dict) -> str:
     for (model, count, seed), group in sorted(by_model.items()):
         real = next((r for r in group if r["source"] == "real"), None)
         first = group[0]
-        runs = sorted({(r["versions"]["zeroquant"], r["command"]) for r in group},
-                      key=lambda run: min(r["date"] for r in group if (r["versions"]["zeroquant"], r["command"]) == run))
+        runs = list(dict.fromkeys((r["versions"]["zeroquant"], r["command"])
+                                  for r in sorted(group, key=lambda r: r["date"])))  # in order of first row
         lines += [f"### {model}, {first['ruler']}, {count} images, seed {seed} (FP32 top-1 {first['fp32_top1']:.2f} "
                   f"on {first['eval_images']} images)", "",
                   "| source | top-1 | drop | gap to real | agreement % | KL | seconds | images/s | run |",
@@ -197,8 +197,10 @@ def markdown(rows: dict) -> str:
             lines.append(f"| {r['source']} | {r['top1']:.2f} | {r['drop']:.2f} | {gap} | {r['agreement']:.1f} | "
                          f"{r['kl']:.3f} | {r['seconds']:.0f} | {rate} | "
                          f"{runs.index((r['versions']['zeroquant'], r['command'])) + 1} |")
-        latest = provenance_lines(max(group, key=lambda r: r["date"]))
-        lines += ["", latest[1], latest[2].split(", zeroquant")[0],
+        latest = max(group, key=lambda r: r["date"])
+        v = latest["versions"]
+        lines += ["", provenance_lines(latest)[1], f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, "
+                  f"onnx {v['onnx']}",
                   *(f"- run {i}: zeroquant {version}: `{command}`" for i, (version, command) in enumerate(runs, 1)),
                   f"- dates: {min(r['date'] for r in group)[:16]} to {max(r['date'] for r in group)[:16]}", ""]
     return "\n".join(lines)

@@ -53,7 +53,7 @@ MIN_AGREEMENT = 25.0  # % top-1 agreement with the float model on held-out disti
 # top-1 on photos) and 5.0 on 68.8 % (77 %); with ZeroQ images and nearest rounding 4.0 agreed on 0 % (0.2 % top-1)
 # and 5.0 on 25 % (89 % agreement on photos with GPTQ): distilled images sit near class boundaries, so a usable model
 # can agree on few of them. Noisy on 16 images: the same 4.0 run with 1 thread measured 37.5 % (27 % top-1), kept;
-# and not comparable across image kinds: ZeroQ images with GPTQ put 5.0 at 18.8 %, refused, though it gave 81.2 %
+# and not comparable across image kinds: ZeroQ images with GPTQ put 5.0 at 18.8 %, refused, though it gave 81.2 % top-1
 NO_KERNEL = ("onnxruntime has no integer kernel for it, so it runs in float between a DequantizeLinear and a "
              "QuantizeLinear")
 

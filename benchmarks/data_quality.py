@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroquant import calib as calibration_sets
-from zeroquant.calib.base import CalibSet, DistillSettings
+from zeroquant.calib.calibset import CalibSet, DistillSettings
 from zeroquant.evaluate.accuracy import evaluate_logits
 from zeroquant.evaluate.datasets import ImageSet, dataset_for_zoo, load_image_folder
 from zeroquant.options import QuantizeOptions

@@ -17,7 +17,7 @@ import torch
 import model_compression_toolkit as mct
 from model_compression_toolkit.data_generation import ImageNormalizationType
 from model_compression_toolkit.data_generation.pytorch.image_pipeline import image_normalization_dict
-from zeroquant.calib.base import CalibSet
+from zeroquant.calib.calibset import CalibSet
 from zeroquant.zoo.loading import resolve_model
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["## Peak memory of a default W8A8 quantize", "", *provenance_lines(run), "",
              "`/usr/bin/time -v zeroquant quantize zoo:efficientnet_lite0 --input-shape 3,S,S` with an empty cache "
              "(distillation included, which is where the peak is: its backward pass keeps every activation; "
-             "batches that would keep more than 2 GiB run in exact micro-batches, calib/base.py).", "",
+             "batches that would keep more than 2 GiB run in exact micro-batches, calib/matching.py).", "",
              "| input | peak resident memory | wall s | distillation s |", "|---|--:|--:|--:|"]
     lines += [f"| {r['size']} px | {r['peak_rss_gib']:.2f} GiB | {r['wall_s']:.0f} | {r['distill_s']:.0f} |"
               for r in rows]

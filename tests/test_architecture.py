@@ -11,7 +11,7 @@ TOP = ("pipeline", "cli", "__main__", "zeroquant")  # the orchestrator, the CLI,
 
 
 def unit(module: str) -> str:
-    """zeroquant.calib.base -> calib; zeroquant.errors -> errors (a top-level module is a unit of its own)."""
+    """zeroquant.calib.matching -> calib; zeroquant.errors -> errors (a top-level module is a unit of its own)."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "zeroquant"
 

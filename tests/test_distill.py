@@ -6,7 +6,7 @@ import torch
 
 from tests.conftest import make_small_net
 from zeroquant.calib import DISTILLERS, DistillSettings
-from zeroquant.calib.base import BatchNormMatcher
+from zeroquant.calib.matching import BatchNormMatcher
 from zeroquant.graph.capture import capture
 from zeroquant.progress import SILENT
 

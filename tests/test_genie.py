@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from zeroquant.calib import DistillSettings
-from zeroquant.calib.base import calib_set, tap_batchnorms
+from zeroquant.calib.calibset import calib_set
+from zeroquant.calib.matching import tap_batchnorms
 from zeroquant.calib.genie import GenieDistiller, Swing, swing_strided_convs
 from zeroquant.graph.capture import capture
 from zeroquant.progress import SILENT, Progress

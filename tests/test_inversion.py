@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import make_small_net
 from zeroquant.calib import DistillSettings
-from zeroquant.calib.base import CalibSet, calib_set
+from zeroquant.calib.calibset import CalibSet, calib_set
 from zeroquant.calib.inversion import InversionDistiller
 from zeroquant.graph.capture import capture
 from zeroquant.progress import SILENT

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from zeroquant.calib import cache
-from zeroquant.calib.base import CalibSet, DistillSettings, Distiller, calib_set
+from zeroquant.calib.calibset import CalibSet, DistillSettings, Distiller, calib_set
 from zeroquant.calib.genie import GenieDistiller
 from zeroquant.calib.inversion import InversionDistiller
 from zeroquant.calib.noise import NoiseDistiller

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from zeroquant.calib.base import CalibSet
+from zeroquant.calib.calibset import CalibSet
 from zeroquant.errors import ModelLoadError, OutputError
 from zeroquant.files import cache_root, write_atomic
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches
+from zeroquant.calib.calibset import Batch, DistillSettings
+from zeroquant.calib.matching import BatchNormMatcher, distill_batches
 
 aten = torch.ops.aten
 _CONVS = (aten.conv2d.default, aten.convolution.default)

@@ -16,7 +16,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches
+from zeroquant.calib.calibset import Batch, DistillSettings
+from zeroquant.calib.matching import BatchNormMatcher, distill_batches
 
 
 @dataclass(frozen=True)

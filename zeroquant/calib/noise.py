@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from zeroquant.calib.base import Batch, DistillSettings, batch_generator
+from zeroquant.calib.calibset import Batch, DistillSettings, batch_generator
 
 
 class NoiseDistiller:

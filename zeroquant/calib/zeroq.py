@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from zeroquant.calib.base import Batch, BatchNormMatcher, DistillSettings, distill_batches
+from zeroquant.calib.calibset import Batch, DistillSettings
+from zeroquant.calib.matching import BatchNormMatcher, distill_batches
 
 
 class ZeroQDistiller:

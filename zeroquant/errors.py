@@ -1,11 +1,18 @@
 """User-facing errors. Each class is one documented failure class with its own exit code (see README)."""
 
+import re
+
 
 def first_line(error: BaseException, limit: int = 300) -> str:
     """An exception's first non-empty line, cut at `limit` characters, or its class name when it says nothing:
     library errors go on to paragraphs of advice that are not ours."""
     lines = str(error).strip().splitlines()
     return lines[0][:limit] if lines else type(error).__name__
+
+
+def brief(error: BaseException) -> str:
+    """The error's class and the first sentence of its first line, for a cause inside one of our messages."""
+    return f"{type(error).__name__}: {re.split(r'(?<=[.]) ', first_line(error))[0]}"[:200]
 
 
 class ZeroQuantError(Exception):

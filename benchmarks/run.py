@@ -23,7 +23,8 @@ import numpy as np
 from zeroquant.evaluate.accuracy import evaluate_logits
 from zeroquant.runtime import predict, session
 from zeroquant.evaluate.datasets import dataset_for_zoo, load_image_folder
-from zeroquant.evaluate.latency import kernel_census, kind_rows, measure, time_by_kind
+from zeroquant.census import kernel_census
+from zeroquant.evaluate.latency import kind_rows, measure, time_by_kind
 from zeroquant.cli.output import progress_display
 from zeroquant.options import QuantizeOptions
 from zeroquant.pipeline import quantize

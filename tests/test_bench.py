@@ -12,7 +12,8 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from zeroquant.cli.app import main
-from zeroquant.evaluate.latency import kernel_census, measure, time_by_kind
+from zeroquant.census import kernel_census
+from zeroquant.evaluate.latency import measure, time_by_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from ort_baselines import ort_dynamic, ort_static  # noqa: E402

@@ -15,7 +15,7 @@ from torch.export import Dim
 import zeroquant
 from tests.conftest import make_small_net
 from zeroquant.cli.app import main
-from zeroquant.export.verify import KEPT_FLOAT
+from zeroquant.census import KEPT_FLOAT
 from zeroquant.graph.capture import capture
 from zeroquant.graph.decompose import for_quantization
 from zeroquant.graph.ops import aten

@@ -18,7 +18,7 @@ from rich.console import Console
 from torch import nn
 
 from tests.conftest import make_small_net
-from zeroquant import pipeline
+from zeroquant.search import selection
 from zeroquant.cli.app import main
 from zeroquant.cli.pareto import _table
 from zeroquant.errors import UsageError
@@ -246,7 +246,7 @@ def test_a_collapsed_budget_is_refused_and_a_forcing_one_warned(archive, tmp_pat
     assert main(["quantize", str(archive), "-o", str(out), "--budget", "6", "--keep-first-last", "2",
                  "--reconstruct", "off", *FAST]) == 0
     assert "warning" not in capsys.readouterr().err
-    monkeypatch.setattr(pipeline, "MIN_AGREEMENT", 100.1)
+    monkeypatch.setattr(selection, "MIN_AGREEMENT", 100.1)
     before = out.read_bytes()
     assert main(["quantize", str(archive), "-o", str(out), "--budget", "3.5", "--keep-first-last", "2",
                  "--reconstruct", "off", *FAST]) == 2

@@ -3,7 +3,7 @@ validation that both the Python API and the CLI run before any work starts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from zeroquant.calib import DISTILLERS
 from zeroquant.cpu import cpu_flags, int32_dot_products
@@ -19,33 +19,53 @@ TARGET_CPUS = ("auto", "int32-dot", "portable")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def option(default, help: str):
+    """A field with the help text its CLI flag shows: one place for each option's default and meaning."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class QuantizeOptions:
-    wbits: int = 8
-    abits: int = 8
-    budget: str | None = None  # mixed-precision weights: average bits ("4.5"), a size ("0.2MB") or BOPs ("3GBOPs")
-    wbits_choices: tuple[int, ...] = DEFAULT_CHOICES  # candidate weight bits per layer for budget / pareto
-    objective: str = "size"  # the frontier's cost axis: size (packed weight bits) or bops
-    layer_bits: dict[str, int] | None = None  # explicit weight bits per layer (over wbits)
-    method: str = "inversion"  # calibration images: inversion, zeroq, genie or noise
-    ranges: str = "mse"  # activation range method
-    images: int = 32
-    batch_size: int = 32
-    iterations: int | None = None  # None: the method's measured default for this input size
-    lr: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    input_range: tuple[float, float] | None = None  # the model input's range (its preprocessing), where known
-    target_cpu: str = "auto"  # int32-dot: full int8 weights; portable: [-63, 63]; auto: whichever this CPU is
-    cache: bool = True  # reuse distilled sets and sensitivities from the cache
-    keep_first_last: int = 8  # bits of the first and last layer (weights and their inputs); 0 = no exception
-    keep_depthwise: int = 8  # least weight bits of depthwise convs under a uniform wbits; 0 = no exception
-    rounding: str = "auto"  # weight rounding before reconstruction: gptq, nearest, auto (gptq below 8 bits)
-    reconstruct: str = "auto"  # block reconstruction: auto (below 8 bits), on, off
-    effort: str = "default"
-    bias_correction: str = "auto"  # auto: on (measured) for networks with depthwise convs; on, analytic, off
-    equalize: bool = False  # cross-layer equalization of conv -> ReLU -> conv chains (off: see benchmarks/ablation)
-    pack_int4: bool = False  # weights of <= 4 bits as INT4 initializers
+    wbits: int = option(8, "Weight bits.")
+    abits: int = option(8, "Activation bits.")
+    budget: str | None = option(None, "Mixed-precision weights: the best point of the frontier (see `zeroquant "
+                                      "pareto`) within average bits (4.5), a size (0.2MB) or BOPs with --objective "
+                                      "bops (3GBOPs).")
+    wbits_choices: tuple[int, ...] = option(DEFAULT_CHOICES, "Candidate weight bits per layer (--budget).")
+    objective: str = option("size", "Cost axis of the frontier: size (packed weight bits) or bops.")
+    layer_bits: dict[str, int] | None = option(None, "Explicit weight bits per layer, over wbits (Python API).")
+    method: str = option("inversion", "Calibration images: inversion, zeroq, genie or noise.")
+    ranges: str = option("mse", f"Activation range method: {', '.join(RANGE_METHODS)} (analytic: from the BN "
+                                "statistics; auto: the best of all, per tensor).")
+    images: int = option(32, "Number of distilled images.")
+    batch_size: int = option(32, "Distillation batch size.")
+    iterations: int | None = option(None, "Distillation steps (default depends on input size).")
+    lr: float = option(0.2, "Distillation learning rate.")
+    seed: int = option(0, "Random seed; the same seed gives the same ONNX bytes.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    input_range: tuple[float, float] | None = option(
+        None, "LOW,HIGH: the range your preprocessing gives the model's input, e.g. -1,1 (default: a zoo entry's, "
+              "else estimated from the first conv + BN).")
+    target_cpu: str = option("auto", "The CPU the file runs on: int32-dot (x86 VNNI or AMX, ARM dot product): full "
+                                     "int8 weights; portable: 7-bit weights, safe on AVX2 / AVX-512 without VNNI too; "
+                                     "auto: as this CPU.")
+    cache: bool = option(True, "Reuse distilled sets and sensitivities from the cache.")
+    keep_first_last: int = option(8, "Bits of the first and last layer and their inputs (0: treat them like the "
+                                     "rest).")
+    keep_depthwise: int = option(8, "Least weight bits of depthwise convs under a uniform --wbits (0: treat them like "
+                                    "the rest; --budget chooses their bits).")
+    rounding: str = option("auto", "Weight rounding: gptq (second-order: each weight's error compensated by the "
+                                   "others, per layer), nearest, or auto (gptq below 8 bits, nearest at 8: see the "
+                                   "ablation).")
+    reconstruct: str = option("auto", "Block reconstruction (learned rounding and step sizes): auto (below 8 bits), "
+                                      "on or off.")
+    effort: str = option("default", "Reconstruction effort: fast, default or thorough.")
+    bias_correction: str = option("auto", "Correct the output shift of weight rounding: auto (networks with "
+                                          "depthwise convs), on (measured on the distilled images), analytic (from "
+                                          "the BN statistics) or off.")
+    equalize: bool = option(False, "Cross-layer equalization of conv -> ReLU -> conv chains (exact; off by default, "
+                                   "see the ablation).")
+    pack_int4: bool = option(False, "Store weights of <= 4 bits as INT4 (smaller file).")
 
     @classmethod
     def of(cls, options: QuantizeOptions | None = None, **values) -> QuantizeOptions:
@@ -77,6 +97,14 @@ class QuantizeOptions:
         return (f"--target-cpu {self.target_cpu} ({here}): full int8 weights [-127, 127], for CPUs whose integer dot "
                 "products add in int32 (x86 VNNI or AMX, ARM dot product); on AVX2 or AVX-512 without VNNI they can "
                 "saturate: quantize with --target-cpu portable for those")
+
+    def corrects_biases(self, has_depthwise: bool) -> bool:
+        """auto: on for networks with depthwise convs, where it measured better (benchmarks/ablation)."""
+        return self.bias_correction in ("on", "analytic") or (self.bias_correction == "auto" and has_depthwise)
+
+    def reconstructs(self, low_bit: bool) -> bool:
+        """auto: below 8 bits, where rounding alone loses accuracy; at 8 bits it costs minutes for nothing."""
+        return self.reconstruct == "on" or (self.reconstruct == "auto" and low_bit)
 
     def budget_limit(self) -> Budget | None:
         return parse_budget(self.budget, self.wbits_choices, self.objective) if self.budget is not None else None

@@ -17,6 +17,7 @@ import torch
 from zeroquant import calib as calibration_sets
 from zeroquant.calib import CalibSet, DistillSettings
 from zeroquant.calib.preview import check_channels, grid_png
+from zeroquant.census import census as layer_census
 from zeroquant.cpu import WEIGHT_GRID, grid_warning
 from zeroquant.device import resolve_device
 from zeroquant.distributed import Workers, current
@@ -39,24 +40,15 @@ from zeroquant.quant.gptq import gptq, gptq_layers
 from zeroquant.quant.plan import first_and_last, keep_depthwise, keep_first_last
 from zeroquant.quant.reconstruct import reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
-from zeroquant.report import LayerReport, QuantizeReport, QuantizeResult
+from zeroquant.report import (LayerReport, QuantizeReport, QuantizeResult, depthwise_note, equalize_note,
+                              first_last_note, float_op_notes, input_range_note, int4_note, unfolded_bn_note)
 from zeroquant.search import measure, search
-from zeroquant.search.sensitivity import output_divergence
-from zeroquant.search.pareto import (SAFE_BITS, Problem, below_safe_bits, choose, describe, least_safe_cost, note,
-                                     spread, uniform_points)
+from zeroquant.search.pareto import choose, spread, uniform_points
 from zeroquant.search.result import ParetoResult, pareto_data
+from zeroquant.search.selection import budget_candidates, closest
 from zeroquant.zoo.loading import LoadedModel, resolve_model
 
 PARETO_CHECKED = 5  # frontier points `pareto` measures end to end, besides the chosen one
-MIN_AGREEMENT = 25.0  # % top-1 agreement with the float model on held-out distilled images below which --budget's
-# model has collapsed. Lite0 (16 held-out images): with inversion images and GPTQ --budget 4.0 agrees on 12.5 % (31 %
-# top-1 on photos) and 5.0 on 68.8 % (77 %); with ZeroQ images and nearest rounding 4.0 agreed on 0 % (0.2 % top-1)
-# and 5.0 on 25 % (89 % agreement on photos with GPTQ): distilled images sit near class boundaries, so a usable model
-# can agree on few of them. Noisy on 16 images: the same 4.0 run with 1 thread measured 37.5 % (27 % top-1), kept;
-# and not comparable across image kinds: ZeroQ images with GPTQ put 5.0 at 18.8 %, refused, though it gave 81.2 % top-1
-NO_KERNEL = ("onnxruntime has no integer kernel for it, so it runs in float between a DequantizeLinear and a "
-             "QuantizeLinear")
-
 
 @dataclass
 class Job:
@@ -152,16 +144,6 @@ def _search(job: Job, folded: torch.fx.GraphModule, calib: CalibSet):
                   job.workers, options.rounding)
 
 
-@dataclass
-class Candidate:
-    """A bit allocation to try: its bits per layer, where it came from, and why (for the report)."""
-
-    label: str  # "frontier point 7", "uniform W4"
-    layer_bits: dict[str, int]
-    note: str = ""
-    warning: str | None = None  # a budget that forces layers below SAFE_BITS
-
-
 def input_range(job: Job) -> tuple[tuple[float, float] | None, str]:
     """The range of the model's input for its quantizer, and where it comes from: given, the zoo entry's
     preprocessing, estimated from the first conv + BN, or (None) fitted to the distilled images like the rest."""
@@ -175,27 +157,6 @@ def input_range(job: Job) -> tuple[tuple[float, float] | None, str]:
         return stats.range(), ("estimated from the first conv + BN statistics (pass --input-range LOW,HIGH, your "
                                "preprocessing's range, if you know it)")
     return None, "fitted to the distilled images (pass --input-range LOW,HIGH, your preprocessing's range)"
-
-
-def budget_candidates(job: Job, folded: torch.fx.GraphModule, calib: CalibSet) -> tuple[list[Candidate], Problem]:
-    """--budget: the frontier point with the least estimated sensitivity within the budget and, to measure it
-    against, the largest uniform configuration within the budget (the same per-layer floors), when they differ;
-    and the search problem they come from."""
-    found = _search(job, folded, calib)
-    front, budget = found.front, job.options.budget_limit()
-    cost = budget.cost(front.problem)
-    index = choose(front, cost)
-    timing = ", ".join(f"{k} {v}" for k, v in found.timings.items())
-    warning = below_safe_bits(found.problem, front.points[index], budget.text, cost)
-    candidates = [Candidate(f"frontier point {index + 1}", front.points[index]["bits"],
-                            f"{note(front, index, budget.text, cost)} (search: {timing})", warning)]
-    problem, costs = found.problem, found.problem.costs()
-    fitting = [(bits, point) for column, (bits, point) in enumerate(zip(problem.choices, uniform_points(problem)))
-               if costs[:, column].sum() <= cost]
-    if fitting and fitting[-1][1]["bits"] != candidates[0].layer_bits:
-        bits, point = fitting[-1]
-        candidates.append(Candidate(f"uniform W{bits}", point["bits"]))
-    return candidates, problem
 
 
 @dataclass
@@ -244,55 +205,36 @@ def prepare(job: Job, calibration=None) -> Prepared:
     folded, unfolded_bn = for_quantization(job.graph_module)
     equalized = equalize(folded) if options.equalize else 0
     if options.budget is None:
-        prepared = _simulate(job, folded, calib, Candidate("", dict(options.layer_bits or {})), timings)
+        prepared = _simulate(job, folded, calib, dict(options.layer_bits or {}), timings)
     else:
-        candidates, problem = budget_candidates(job, folded, calib)
+        found = _search(job, folded, calib)
+        candidates = budget_candidates(found, options.budget_limit())
         lap("search")
-        built = [_simulate(job, folded, calib, candidate, dict(timings)) for candidate in candidates]
-        prepared = _closest(job, built, candidates, problem)
+        built = [_simulate(job, folded, calib, candidate.layer_bits, dict(timings)) for candidate in candidates]
+        held_out = held_out_set(job).images
+        with torch.no_grad():
+            reference = job.graph_module(held_out)
+        best, measured = closest([b.sim for b in built], candidates, held_out, reference, found, options.budget)
+        prepared = built[best]
+        prepared.notes.append(measured)
         prepared.notes.insert(0, candidates[0].note)  # how the frontier chose, whichever configuration was kept
         if candidates[0].warning:
             prepared.notes.insert(1, f"warning: {candidates[0].warning}")
     prepared.timings["distill_from_cache"] = from_cache
     if unfolded_bn:
-        prepared.notes.append(f"{unfolded_bn} BatchNorm layer(s) follow no conv/linear (e.g. pre-activation BN): each "
-                              "runs as the depthwise 1x1 conv it equals, in an integer kernel")
+        prepared.notes.append(unfolded_bn_note(unfolded_bn))
     if options.equalize:
-        prepared.notes.append(f"cross-layer equalization rescaled {equalized} conv -> ReLU -> conv pair(s) (chains "
-                              "through ReLU6 are left alone: it does not commute with scaling)")
+        prepared.notes.append(equalize_note(equalized))
     prepared.unfolded_bn = unfolded_bn
     return prepared
 
 
-def _closest(job: Job, built: list[Prepared], candidates: list[Candidate], problem: Problem) -> Prepared:
-    """The candidate whose model is closest to the float one on held-out distilled images (KL of the outputs).
-    A kept model that agrees with the float one on fewer than MIN_AGREEMENT % of them has collapsed: refused."""
-    held_out = held_out_set(job).images
-    with torch.no_grad():
-        reference = job.graph_module(held_out)
-    scores = [output_divergence(prepared.sim, held_out, reference) for prepared in built]
-    best = min(range(len(built)), key=lambda i: scores[i][0])
-    measured = "; ".join(f"{c.label}: KL {kl:.4g}, top-1 agreement {agree:.1f} %" for c, (kl, agree) in
-                         zip(candidates, scores))
-    if scores[best][1] < MIN_AGREEMENT:
-        safe = least_safe_cost(problem)
-        raise UsageError(f"--budget {job.options.budget} gives a model that agrees with the float one on only "
-                         f"{scores[best][1]:.0f} % of {len(held_out)} held-out distilled images ({measured}): it has "
-                         "collapsed, nothing was written",
-                         f"give a larger --budget (every layer at {SAFE_BITS}+ bits from {describe(safe, problem)})")
-    built[best].notes.append(f"mixed_precision: measured as exported (rounding, bias correction and reconstruction "
-                             f"as set) on {len(held_out)} held-out distilled images: {measured}; kept "
-                             f"{candidates[best].label}")
-    return built[best]
-
-
-def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate: Candidate,
+def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bits: dict[str, int],
               timings: dict) -> Prepared:
     """The simulation of one bit allocation, calibrated, rounded, bias-corrected and reconstructed."""
     options, progress = job.options, job.progress
     lap = stopwatch(timings)
     notes: list[str] = []
-    layer_bits = candidate.layer_bits
     sim = build_quantsim(folded, options.wbits, options.abits, options.reduce_range)
     for name, bits in layer_bits.items():
         if name not in sim.layers:
@@ -306,7 +248,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate
     lap("calibrate")
     if sim.input_quantizer is not None:
         low, high = sim.activations[sim.input_quantizer].range
-        notes.append(f"input range [{low:.4g}, {high:.4g}]: {source}")
+        notes.append(input_range_note(low, high, source))
     low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
         q.bits < 8 for q in sim.activations.values())
     rounding = []
@@ -315,24 +257,20 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, candidate
         rounding = gptq(sim, calib.images, second_order, progress=progress)
         lap("rounding")
     has_depthwise = any(layer.is_depthwise for layer in sim.layers.values())
-    if options.bias_correction in ("on", "analytic") or (options.bias_correction == "auto" and has_depthwise):
+    if options.corrects_biases(has_depthwise):
         with progress.stage("bias correction"):
             correct_biases(sim, calib.images, analytic=options.bias_correction == "analytic")
         lap("bias_correction")
     reconstruction = []
-    if options.reconstruct == "on" or (options.reconstruct == "auto" and low_bit):
+    if options.reconstructs(low_bit):
         reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress,
                                      workers=job.workers)
         lap("reconstruct")
     if options.keep_first_last and low_bit:
         given = sorted(name for name in first_and_last(sim) if layer_bits.get(name, 8) < options.keep_first_last)
-        notes.append(f"the first and last layers and their inputs stay at {options.keep_first_last} bits "
-                     "(--keep-first-last 0 quantizes them like the rest)" +
-                     (f", except the weights of {', '.join(given)}: they keep the bits layer_bits gives them"
-                      if given else ""))
+        notes.append(first_last_note(options.keep_first_last, given))
     if kept_depthwise:
-        notes.append(f"{kept_depthwise} depthwise conv(s) keep {options.keep_depthwise}-bit weights: they hold few "
-                     "weights but lose the most at low bits (--keep-depthwise 0 quantizes them like the rest)")
+        notes.append(depthwise_note(kept_depthwise, options.keep_depthwise))
     return Prepared(job.graph_module, calib, sim, 0, low_bit, reconstruction, timings, notes, rounding, layer_bits)
 
 
@@ -364,14 +302,13 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
                 f"agreement {check.top1_agreement:.1f} % on the distilled images; nothing was written")
         macs = sim.layer_macs(job.shape)
         values = {name: layer.integer_weight().to(torch.int8).numpy() for name, layer in sim.layers.items()}
-        census = verify.census(model, {name: f"{name}.weight" for name in sim.layers}, macs, values)
+        census = layer_census(model, {name: f"{name}.weight" for name in sim.layers}, macs, values)
     lap("verify")
     data = model.SerializeToString()
     float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
     notes = list(prepared.notes)
     if packed:
-        notes.append(f"{packed} layer(s) store INT4 weights (--pack-int4), widened to int8 by a Cast that "
-                     "onnxruntime folds when it loads the file: they still run in integer kernels")
+        notes.append(int4_note(packed))
     notes.append(options.weight_grid_note())
     mismatch = grid_warning(options.weight_grid())
     if mismatch:
@@ -384,9 +321,7 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
                                     "layer_bits": prepared.layer_bits or None},
         layers=[_layer_report(sim, name, macs.get(name, 0)) for name in sim.layers],
         activation_ranges={name: [round(v, 6) for v in q.range] for name, q in sim.activations.items()},
-        float_ops=[f"{op} x{count}: {verify.KEPT_FLOAT.get(op, NO_KERNEL)}" for op, count in census.float_ops.items()] +
-                  [f"{op} x{count}: works on the model's float output"
-                   for op, count in census.output_float_ops.items()],
+        float_ops=float_op_notes(census),
         sizes={"onnx_bytes": len(data), "float32_weight_bytes": float_bytes,
                "onnx_vs_float32_weights": round(len(data) / float_bytes, 4)},
         timings=timings,

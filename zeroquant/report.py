@@ -1,9 +1,15 @@
-"""The quantization report: plain dataclasses, written as JSON beside the ONNX file and shown as a rich table."""
+"""The quantization report: plain dataclasses, written as JSON beside the ONNX file and shown as a rich table, and
+the notes that explain to the user what the recipe chose and why (the pipeline decides; these say it)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+
+from zeroquant.census import KEPT_FLOAT, Census
+
+NO_KERNEL = ("onnxruntime has no integer kernel for it, so it runs in float between a DequantizeLinear and a "
+             "QuantizeLinear")
 
 
 @dataclass
@@ -53,3 +59,40 @@ class QuantizeResult:
     report: QuantizeReport
     onnx: bytes  # the integer ONNX model
     float_onnx: bytes | None = None  # the float32 ONNX model, when asked for (float_output)
+
+
+def float_op_notes(census: Census) -> list[str]:
+    """Every op onnxruntime runs in float, with why."""
+    return [f"{op} x{count}: {KEPT_FLOAT.get(op, NO_KERNEL)}" for op, count in census.float_ops.items()] + \
+        [f"{op} x{count}: works on the model's float output" for op, count in census.output_float_ops.items()]
+
+
+def unfolded_bn_note(count: int) -> str:
+    return (f"{count} BatchNorm layer(s) follow no conv/linear (e.g. pre-activation BN): each runs as the depthwise "
+            "1x1 conv it equals, in an integer kernel")
+
+
+def equalize_note(pairs: int) -> str:
+    return (f"cross-layer equalization rescaled {pairs} conv -> ReLU -> conv pair(s) (chains through ReLU6 are left "
+            "alone: it does not commute with scaling)")
+
+
+def input_range_note(low: float, high: float, source: str) -> str:
+    return f"input range [{low:.4g}, {high:.4g}]: {source}"
+
+
+def first_last_note(bits: int, given: list[str]) -> str:
+    """The first and last layers pinned at `bits`, except the weights of the `given` ones (explicit layer_bits)."""
+    return (f"the first and last layers and their inputs stay at {bits} bits (--keep-first-last 0 quantizes them "
+            "like the rest)" + (f", except the weights of {', '.join(given)}: they keep the bits layer_bits gives "
+                                "them" if given else ""))
+
+
+def depthwise_note(count: int, bits: int) -> str:
+    return (f"{count} depthwise conv(s) keep {bits}-bit weights: they hold few weights but lose the most at low bits "
+            "(--keep-depthwise 0 quantizes them like the rest)")
+
+
+def int4_note(count: int) -> str:
+    return (f"{count} layer(s) store INT4 weights (--pack-int4), widened to int8 by a Cast that onnxruntime folds "
+            "when it loads the file: they still run in integer kernels")

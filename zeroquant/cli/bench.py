@@ -7,11 +7,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from zeroquant.cli.app import app
 from zeroquant.cli.output import print_json, progress_display, stdout, warn
 
 
-@app.command()
 def bench(
     model: Path = typer.Argument(..., help="ONNX model to measure."),
     vs: list[Path] = typer.Option(None, "--vs", help="Model to compare with (repeatable); ratios are MODEL / OTHER."),
@@ -25,7 +23,8 @@ def bench(
     """Latency (median, p90), throughput, file size and the kernels onnxruntime runs; with --vs, every model is
     timed interleaved run by run in the same process, so the ratios are not skewed by changing machine load."""
     from zeroquant.errors import UsageError
-    from zeroquant.evaluate.latency import kernel_census, measure, time_by_kind
+    from zeroquant.census import kernel_census
+    from zeroquant.evaluate.latency import measure, time_by_kind
     from zeroquant.runtime import weight_grid_warning
 
     if batch < 1 or (runs is not None and runs < 1) or (threads is not None and threads < 1):

@@ -1,5 +1,5 @@
 """onnxruntime CPU latency of ONNX models, measured interleaved so that load from other processes hits every model
-alike, and a census of the kernels onnxruntime really runs for any ONNX file (zeroquant's or not)."""
+alike, and where the time goes by layer kind (onnxruntime's profiler)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,10 @@ import onnx
 import onnxruntime as ort
 
 from zeroquant.errors import UsageError
-from zeroquant.export.verify import INTEGER_KERNELS, census
+from zeroquant.census import CONV_KERNELS, FLOAT_KERNELS, WEIGHT_INPUT
 from zeroquant.progress import Progress
 from zeroquant.runtime import image_input
 from zeroquant.runtime import session as open_session
-
-FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
-WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "QLinearConv": 3,
-                "Gemm": 1, "MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "QGemm": 3}
-CONV_LIKE = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"}
-CONV_KERNELS = CONV_LIKE | {"FusedConv", "NhwcFusedConv"}  # convolutions as onnxruntime's optimised graph names them
 
 
 @dataclass
@@ -39,37 +33,6 @@ class Latency:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def kernel_census(path: str | Path) -> dict:
-    """verify.census for a file without zeroquant's layer names: every conv/gemm-like node whose weight is an
-    initializer (directly or through a DequantizeLinear) is a layer, named by that initializer.
-
-    MACs per image come from ONNX shape inference; a layer whose output shape is unknown counts its weight size.
-    Adds op-type counts of integer kernels and of float conv/gemm kernels in onnxruntime's optimised graph.
-    """
-    model = onnx.load(str(path))
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(inferred.value_info) + list(inferred.output)}
-    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
-    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    macs = {}
-    for node in model.graph.node:
-        index = WEIGHT_INPUT.get(node.op_type, len(node.input))
-        weight = dequantized.get(node.input[index], node.input[index]) if index < len(node.input) else None
-        if weight not in sizes:  # no weight, or activation x activation
-            continue
-        out = shapes.get(node.output[0], [])
-        positions = out[2:] if node.op_type in CONV_LIKE else out[1:-1]
-        macs[weight] = sizes[weight] * int(np.prod([d or 1 for d in positions]))
-    result = census(model, {w: w for w in macs}, macs)
-    return result.to_dict() | {
-        "integer_kernels": {op: n for op, n in result.op_counts.items() if op in INTEGER_KERNELS},
-        "float_kernels": {op: n for op, n in result.op_counts.items() if op in FLOAT_KERNELS},
-    }
-
-
 
 
 def random_feed(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import sys
 import traceback
 import warnings
+from dataclasses import dataclass
 
 import typer
 from typer.core import TyperGroup
+
+from zeroquant.cli import bench, evaluate, inspect, pareto, quantize, zoo
 
 from zeroquant.errors import (InternalError, ModelLoadError, OutputError, UnsupportedModelError, UsageError,
                               VerificationError, ZeroQuantError, first_line)
@@ -48,62 +51,44 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_debug = False
-_argv: list[str] = []  # this invocation's arguments, for --workers to start the same command in more processes
 
 
-def run_in_workers(workers: int, device: str) -> None:
-    """--workers N: the same command in N local processes over gloo (this process waits and exits with their
-    code). Does nothing in a process that already belongs to a job (torchrun's, or one --workers started)."""
-    import os
+@dataclass
+class Session:
+    """One invocation: its arguments (for --workers to start the same command in more processes) and --debug."""
 
-    from zeroquant.cli.workers import launch_local
-
-    if workers < 1:
-        raise UsageError("--workers must be positive")
-    if workers == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
-    if device == "cuda":
-        raise UsageError("--workers starts local processes on the CPU", "on GPUs use torchrun --nproc-per-node N "
-                                                                        "-m zeroquant ...")
-    argv, skip = [], False
-    for arg in _argv:
-        if skip:
-            skip = False
-        elif arg == "--workers":
-            skip = True
-        elif not arg.startswith("--workers="):
-            argv.append(arg)
-    raise typer.Exit(launch_local(argv, workers))
+    argv: list[str]
+    debug: bool = False
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", envvar="ZEROQUANT_DEBUG",
-                                     help="Show Python tracebacks for errors.")) -> None:
-    global _debug
-    _debug = debug
+def _root(ctx: typer.Context, debug: bool = typer.Option(False, "--debug", envvar="ZEROQUANT_DEBUG",
+                                                         help="Show Python tracebacks for errors.")) -> None:
+    ctx.obj.debug = debug
     if not debug:  # third-party deprecation chatter is not for the user's terminal (--debug shows it)
         warnings.simplefilter("ignore")
 
 
+# every command, registered here and nowhere else (their modules do not import this one)
+COMMANDS = {"quantize": quantize.quantize, "distill": quantize.distill, "pareto": pareto.pareto,
+            "inspect": inspect.inspect, "eval": evaluate.evaluate, "bench": bench.bench, "zoo": zoo.list_zoo}
+for name, command in COMMANDS.items():
+    app.command(name)(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (usage errors: typer's message and code 2)."""
-    # each module adds its commands to `app`
-    from zeroquant.cli import bench, evaluate, inspect, pareto, quantize, zoo  # noqa: F401
-
-    global _debug, _argv
-    _debug = False
-    _argv = list(sys.argv[1:] if argv is None else argv)
+    session = Session(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, prog_name="zeroquant")
+        app(args=argv, prog_name="zeroquant", obj=session)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except InternalError as exc:  # another process's bug: said as this process's own would be
-        return _fail(exc, _bug(exc.message), exc.exit_code)
+        return _fail(exc, _bug(exc.message), exc.exit_code, session.debug)
     except ZeroQuantError as exc:
-        return _fail(exc, str(exc), exc.exit_code)
+        return _fail(exc, str(exc), exc.exit_code, session.debug)
     except Exception as exc:  # a bug, but the user still gets one line, and the traceback with --debug
-        return _fail(exc, _bug(f"{type(exc).__name__}: {first_line(exc)}"), InternalError.exit_code)
+        return _fail(exc, _bug(f"{type(exc).__name__}: {first_line(exc)}"), InternalError.exit_code, session.debug)
     return 0
 
 
@@ -111,14 +96,14 @@ def _bug(what: str) -> str:
     return f"internal error, a bug in zeroquant: {what} (rerun with --debug for the traceback and please report it)"
 
 
-def _fail(exc: Exception, message: str, code: int) -> int:
+def _fail(exc: Exception, message: str, code: int, debug: bool) -> int:
     from zeroquant.cli.output import close_stage_line
     from zeroquant.distributed import is_main_process
 
     if getattr(exc, "shared", False) and not is_main_process():
         return code  # every process of the job has this error; process 0 says it once
     close_stage_line()
-    if _debug:  # a job's error shows the traceback of the process where it happened
+    if debug:  # a job's error shows the traceback of the process where it happened
         remote = getattr(exc, "traceback_text", None)
         if remote:
             print(remote, end="", file=sys.stderr)

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import typer
 
-from zeroquant.cli.app import app
 from zeroquant.cli.output import key_value_table, print_json, stdout, warn
 
 
-@app.command("eval")
 def evaluate(
     model: Path = typer.Argument(..., help="ONNX model to evaluate."),
     data: Path = typer.Option(None, "--data", help="Image folder (default: the zoo entry's evaluation set)."),

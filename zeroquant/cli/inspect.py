@@ -7,34 +7,16 @@ from rich import box
 from rich.table import Table
 
 from zeroquant.cli import options as flags
-from zeroquant.cli.app import app
-from zeroquant.cli.output import key_value_table, parse_shape, print_json, progress_display, stdout
+from zeroquant.cli.output import key_value_table, print_json, progress_display, stdout
 
 
-@app.command()
+@flags.takes_options("input_range", "wbits", "abits", "method", "ranges", "images", "iterations", "batch_size", "seed",
+                     "device", "keep_first_last", "keep_depthwise", "reconstruct", "effort", "target_cpu")
 def inspect(
-    model: str = flags.MODEL,
+    source: dict,
+    options: dict,
     quant_report: bool = typer.Option(False, "--quant-report", help="Per-layer SQNR of the quantized simulation "
                                                                     "and the BN statistics distillation missed."),
-    arch: str = flags.ARCH,
-    weights: str = flags.WEIGHTS,
-    input_shape: str = flags.INPUT_SHAPE,
-    input_range: str = flags.INPUT_RANGE,
-    wbits: int = flags.WBITS,
-    abits: int = flags.ABITS,
-    method: str = flags.METHOD,
-    ranges: str = flags.RANGES,
-    images: int = flags.IMAGES,
-    iterations: int = flags.ITERATIONS,
-    batch_size: int = flags.BATCH_SIZE,
-    seed: int = flags.SEED,
-    device: str = flags.DEVICE,
-    keep_first_last: int = flags.KEEP_FIRST_LAST,
-    keep_depthwise: int = flags.KEEP_DEPTHWISE,
-    reconstruct: str = flags.RECONSTRUCT,
-    effort: str = flags.EFFORT,
-    target_cpu: str = flags.TARGET_CPU,
-    trust_pickle: bool = flags.TRUST_PICKLE,
     top: int = typer.Option(15, "--top", help="Show the N worst layers of each table (0: all)."),
     json_out: bool = flags.JSON,
 ) -> None:
@@ -49,18 +31,14 @@ def inspect(
     if top < 0:
         raise UsageError("--top must be 0 (all) or positive")
     with progress_display(quiet=json_out) as progress:
-        report = measure(model, input_shape=parse_shape(input_shape), top=top or None, arch=arch, weights=weights,
-                         trust_pickle=trust_pickle, progress=progress, input_range=flags.parse_range(input_range),
-                         wbits=wbits, abits=abits, method=method,
-                         ranges=ranges, images=images, iterations=iterations, batch_size=batch_size, seed=seed,
-                         device=device, target_cpu=target_cpu, keep_first_last=keep_first_last,
-                         keep_depthwise=keep_depthwise, reconstruct=reconstruct, effort=effort)
+        report = measure(top=top or None, progress=progress, **source, **options)
     if json_out:
         print_json(report)
         return
     distilled = report["distillation"]
     stdout.print(key_value_table(f"zeroquant inspect: {report['model']}", [
-        ("bits", f"W{wbits}A{abits}" + (f", first and last layer at {keep_first_last}" if keep_first_last else "")),
+        ("bits", f"W{options['wbits']}A{options['abits']}" + (f", first and last layer at {options['keep_first_last']}"
+                                                             if options["keep_first_last"] else "")),
         ("calibration", f"{distilled['images']} {distilled['method']} images"
                         f"{' (cached)' if distilled['from_cache'] else ''}, final BN loss "
                         f"{distilled['final_bn_loss']:.4g}"),

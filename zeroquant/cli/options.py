@@ -1,60 +1,119 @@
-"""Flags that several commands share, declared once so their names and help read the same everywhere. Each flag is
-named after the QuantizeOptions field it sets."""
+"""Flags made from QuantizeOptions: each flag is named after the field it sets (`wbits` is `--wbits`) and takes its
+default and help from it, so the Python API and the CLI cannot drift apart. A command names the fields it takes
+(`takes_options`) and receives the model-loading flags and those fields' values already parsed, as the library's
+keywords."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
+import typing
+from dataclasses import fields
+
 import typer
 
-from zeroquant.quant.ranges import RANGE_METHODS
+from zeroquant.errors import UsageError
+from zeroquant.options import QuantizeOptions
 
+FIELDS = {f.name: f for f in fields(QuantizeOptions)}
 DEFAULT_MODEL = "zoo:efficientnet_lite0"
-MODEL_HELP = ("torch.export archive, checkpoint/state_dict (with --arch), zoo:NAME, or a pickled module "
-              "(with --trust-pickle)")
 
-MODEL = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP)
+MODEL = typer.Argument(DEFAULT_MODEL, help="torch.export archive, checkpoint/state_dict (with --arch), zoo:NAME, or "
+                                           "a pickled module (with --trust-pickle)")
 ARCH = typer.Option(None, "--arch", help="Zoo architecture for a state_dict/checkpoint file.")
 WEIGHTS = typer.Option(None, "--weights", help="Weights file for a zoo:NAME model.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="C,H,W when the model does not say.")
-INPUT_RANGE = typer.Option(None, "--input-range", help="LOW,HIGH: the range your preprocessing gives the model's "
-                                                        "input, e.g. -1,1 (default: a zoo entry's, else estimated "
-                                                        "from the first conv + BN).")
-WBITS = typer.Option(8, "--wbits", help="Weight bits.")
-ABITS = typer.Option(8, "--abits", help="Activation bits.")
-METHOD = typer.Option("inversion", "--method", help="Calibration images: inversion, zeroq, genie or noise.")
-RANGES = typer.Option("mse", "--ranges", help=f"Activation range method: {', '.join(RANGE_METHODS)} (analytic: "
-                                              "from the BN statistics; auto: the best of all, per tensor).")
-IMAGES = typer.Option(32, "--images", help="Number of distilled images.")
-ITERATIONS = typer.Option(None, "--iterations", help="Distillation steps (default depends on input size).")
-BATCH_SIZE = typer.Option(32, "--batch-size", help="Distillation batch size.")
-LR = typer.Option(0.2, "--lr", help="Distillation learning rate.")
-SEED = typer.Option(0, "--seed", help="Random seed; the same seed gives the same ONNX bytes.")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-KEEP_FIRST_LAST = typer.Option(8, "--keep-first-last", help="Bits of the first and last layer and their inputs "
-                                                            "(0: treat them like the rest).")
-KEEP_DEPTHWISE = typer.Option(8, "--keep-depthwise", help="Least weight bits of depthwise convs under a uniform "
-                                                          "--wbits (0: treat them like the rest; --budget chooses "
-                                                          "their bits).")
-RECONSTRUCT = typer.Option("auto", "--reconstruct", help="Block reconstruction (learned rounding and step sizes): "
-                                                         "auto (below 8 bits), on or off.")
-ROUNDING = typer.Option("auto", "--rounding", help="Weight rounding: gptq (second-order: each weight's error "
-                                                     "compensated by the others, per layer), nearest, or auto "
-                                                     "(gptq below 8 bits, nearest at 8: see the ablation).")
-EFFORT = typer.Option("default", "--effort", help="Reconstruction effort: fast, default or thorough.")
-TARGET_CPU = typer.Option("auto", "--target-cpu", help="The CPU the file runs on: int32-dot (x86 VNNI or AMX, ARM dot "
-                                                      "product): full int8 weights; portable: 7-bit weights, safe "
-                                                      "on AVX2 / AVX-512 without VNNI too; auto: as this CPU.")
-NO_CACHE = typer.Option(False, "--no-cache", help="Distil (and measure sensitivity) again even if cached.")
 TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow a pickled nn.Module (runs its code).")
-WBITS_CHOICES = typer.Option("2,3,4,5,6,8", "--wbits-choices", help="Candidate weight bits per layer (--budget).")
-OBJECTIVE = typer.Option("size", "--objective", help="Cost axis of the frontier: size (packed weight bits) or bops.")
 WORKERS = typer.Option(1, "--workers", help="Local processes to share the work (gloo on CPU); the same file as 1. "
                                             "Several GPUs or machines: torchrun ... -m zeroquant instead.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+NO_CACHE = typer.Option(not FIELDS["cache"].default, "--no-cache",
+                        help="Distil (and measure sensitivity) again even if cached.")
 
 
-def parse_range(text: str | None) -> tuple[float, float] | None:
-    from zeroquant.errors import UsageError
+def flag(name: str, help: str | None = None):
+    """The typer option for QuantizeOptions field `name`: its default (tuples as the comma-separated text the flag
+    takes) and its help, or a command's own wording of it."""
+    default = FIELDS[name].default
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    return typer.Option(default, f"--{name.replace('_', '-')}", help=help or FIELDS[name].metadata["help"])
 
+
+LOADING = {"model": (str, MODEL), "arch": (str, ARCH), "weights": (str, WEIGHTS), "input_shape": (str, INPUT_SHAPE),
+           "trust_pickle": (bool, TRUST_PICKLE)}
+
+
+def takes_options(*names: str, helps: dict[str, str] | None = None):
+    """Adds the model-loading flags and a flag for each named QuantizeOptions field ("cache" is --no-cache) to a
+    command's own, and calls it with `source` (model and loading keywords) and `options` (the fields' values)
+    instead of them; `helps` rewords a flag's help for this command."""
+    flags = {("no_cache" if name == "cache" else name): (_cli_type(name), NO_CACHE if name == "cache" else
+                                                          flag(name, (helps or {}).get(name)))
+             for name in names}
+
+    def wrap(command):
+        hints = typing.get_type_hints(command)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.name not in ("source", "options")]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+                 for name, (kind, default) in (LOADING | flags).items()]
+
+        @functools.wraps(command)
+        def run(**values):
+            source = _model_values({name: values.pop(name) for name in LOADING})
+            options = _option_values({name: values.pop(name) for name in flags})
+            return command(source=source, options=options, **values)
+
+        last = [p for p in own if p.name in ("workers", "json_out")]  # how to run and print: after the rest
+        first = [p for p in own if p not in last]
+        run.__signature__ = inspect.Signature(first + added + last)
+        run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+        return run
+
+    return wrap
+
+
+def _cli_type(name: str) -> type:
+    """The type a field's flag parses: the field's own, optional or not; tuples as comma-separated text."""
+    kind = typing.get_type_hints(QuantizeOptions)[name]
+    if isinstance(kind, types.UnionType):
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    return str if typing.get_origin(kind) is tuple else kind
+
+
+def _option_values(flags: dict) -> dict:
+    """The QuantizeOptions values of a command's flag values: the comma-separated flags parsed and --no-cache turned
+    into `cache`."""
+    values = {name: value for name, value in flags.items() if name in FIELDS}
+    if "input_range" in values:
+        values["input_range"] = _parse_range(values["input_range"])
+    if "wbits_choices" in values:
+        values["wbits_choices"] = _parse_choices(values["wbits_choices"])
+    if "no_cache" in flags:
+        values["cache"] = not flags["no_cache"]
+    return values
+
+
+def _model_values(flags: dict) -> dict:
+    """The model and the keywords that say how to load it, from their flags."""
+    return flags | {"input_shape": _parse_shape(flags["input_shape"])}
+
+
+def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise UsageError(f"--input-shape must be C,H,W with positive integers, got '{text}'")
+    return shape
+
+
+def _parse_range(text: str | None) -> tuple[float, float] | None:
     if text is None:
         return None
     try:
@@ -64,9 +123,7 @@ def parse_range(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
-def parse_choices(text: str) -> tuple[int, ...]:
-    from zeroquant.errors import UsageError
-
+def _parse_choices(text: str) -> tuple[int, ...]:
     try:
         choices = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
     except ValueError:

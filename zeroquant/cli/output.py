@@ -30,20 +30,6 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-def parse_shape(text: str | None) -> tuple[int, int, int] | None:
-    from zeroquant.errors import UsageError
-
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise UsageError(f"--input-shape must be C,H,W with positive integers, got '{text}'")
-    return shape
-
-
 def warn(text: str | None) -> None:
     """A warning: one line on stderr (nothing when text is None)."""
     if text:

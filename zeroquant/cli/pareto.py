@@ -9,35 +9,26 @@ from rich import box
 from rich.table import Table
 
 from zeroquant.cli import options as flags
-from zeroquant.cli.app import app, run_in_workers
-from zeroquant.cli.output import parse_shape, print_json, progress_display, stdout
+from zeroquant.cli.workers import run_in_workers
+from zeroquant.cli.output import print_json, progress_display, stdout
 
 
-@app.command()
+@flags.takes_options("input_range", "wbits_choices", "abits", "objective", "budget", "method", "ranges", "images",
+                     "iterations", "batch_size", "seed", "device", "keep_first_last", "target_cpu", "cache", helps={
+                         "wbits_choices": "Candidate weight bits per layer.",
+                         "abits": "Activation bits (uniform, not searched).",
+                         "budget": "Mark the best point within: average bits (4.5; MAC-weighted for bops) or a size "
+                                   "(0.2MB) / BOPs (3GBOPs).",
+                         "ranges": "Activation range method for the measured points.",
+                         "images": "Distilled images (and half as many held-out ones).",
+                         "seed": "Random seed; the held-out images use seed + 1.",
+                         "keep_first_last": "Least bits of the first and last layer, as quantize pins them (0: "
+                                            "searched like the rest)."})
 def pareto(
-    model: str = flags.MODEL,
+    ctx: typer.Context,
+    source: dict,
+    options: dict,
     output: Path = typer.Option(..., "-o", "--output", help="Folder for pareto.png and pareto.json."),
-    arch: str = flags.ARCH,
-    weights: str = flags.WEIGHTS,
-    input_shape: str = flags.INPUT_SHAPE,
-    input_range: str = flags.INPUT_RANGE,
-    wbits_choices: str = typer.Option("2,3,4,5,6,8", "--wbits-choices", help="Candidate weight bits per layer."),
-    abits: int = typer.Option(8, "--abits", help="Activation bits (uniform, not searched)."),
-    objective: str = flags.OBJECTIVE,
-    budget: str = typer.Option(None, "--budget", help="Mark the best point within: average bits (4.5; MAC-weighted "
-                                                       "for bops) or a size (0.2MB) / BOPs (3GBOPs)."),
-    method: str = flags.METHOD,
-    ranges: str = typer.Option("mse", "--ranges", help="Activation range method for the measured points."),
-    images: int = typer.Option(32, "--images", help="Distilled images (and half as many held-out ones)."),
-    iterations: int = flags.ITERATIONS,
-    batch_size: int = flags.BATCH_SIZE,
-    seed: int = typer.Option(0, "--seed", help="Random seed; the held-out images use seed + 1."),
-    device: str = flags.DEVICE,
-    keep_first_last: int = typer.Option(8, "--keep-first-last", help="Least bits of the first and last layer, as "
-                                                                    "quantize pins them (0: searched like the rest)."),
-    target_cpu: str = flags.TARGET_CPU,
-    no_cache: bool = flags.NO_CACHE,
-    trust_pickle: bool = flags.TRUST_PICKLE,
     workers: int = flags.WORKERS,
     json_out: bool = typer.Option(False, "--json", help="Print pareto.json on stdout instead of a table."),
 ) -> None:
@@ -46,14 +37,9 @@ def pareto(
     from zeroquant.distributed import is_main_process
     from zeroquant.pipeline import pareto as run
 
-    run_in_workers(workers, device)
+    run_in_workers(ctx, workers, options["device"])
     with progress_display(quiet=json_out or not is_main_process()) as progress:
-        result = run(model, output, input_shape=parse_shape(input_shape), arch=arch, weights=weights,
-                     trust_pickle=trust_pickle, progress=progress, input_range=flags.parse_range(input_range),
-                     wbits_choices=flags.parse_choices(wbits_choices),
-                     abits=abits, objective=objective, budget=budget, method=method, ranges=ranges, images=images,
-                     iterations=iterations, batch_size=batch_size, seed=seed, device=device,
-                     keep_first_last=keep_first_last, target_cpu=target_cpu, cache=not no_cache)
+        result = run(output=output, progress=progress, **source, **options)
     if not is_main_process():
         return
     if json_out:

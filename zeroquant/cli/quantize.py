@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from zeroquant.cli import options as flags
-from zeroquant.cli.app import app, run_in_workers
-from zeroquant.cli.output import key_value_table, parse_shape, print_json, progress_display, stdout, warn
+from zeroquant.cli.workers import run_in_workers
+from zeroquant.cli.output import key_value_table, print_json, progress_display, stdout, warn
 
 
 def default_output(model: str, budget: str | None, wbits: int, abits: int) -> Path:
@@ -17,45 +17,17 @@ def default_output(model: str, budget: str | None, wbits: int, abits: int) -> Pa
     return Path(f"{name}-{f'b{budget}' if budget else f'w{wbits}'}a{abits}.onnx")
 
 
-@app.command()
+@flags.takes_options("input_range", "wbits", "abits", "budget", "wbits_choices", "objective", "method", "ranges",
+                     "images", "iterations", "batch_size", "lr", "seed", "device", "keep_first_last", "keep_depthwise",
+                     "rounding", "reconstruct", "effort", "bias_correction", "equalize", "pack_int4", "target_cpu",
+                     "cache")
 def quantize(
-    model: str = flags.MODEL,
+    ctx: typer.Context,
+    source: dict,
+    options: dict,
     output: Path = typer.Option(None, "-o", "--output", help="ONNX file to write (default: NAME-w8a8.onnx)."),
-    arch: str = flags.ARCH,
-    weights: str = flags.WEIGHTS,
-    input_shape: str = flags.INPUT_SHAPE,
-    input_range: str = flags.INPUT_RANGE,
-    wbits: int = flags.WBITS,
-    abits: int = flags.ABITS,
-    budget: str = typer.Option(None, "--budget", help="Mixed-precision weights: the best point of the frontier "
-                                                       "(see `zeroquant pareto`) within average bits (4.5), a size "
-                                                       "(0.2MB) or BOPs with --objective bops (3GBOPs)."),
-    wbits_choices: str = flags.WBITS_CHOICES,
-    objective: str = flags.OBJECTIVE,
-    method: str = flags.METHOD,
-    ranges: str = flags.RANGES,
-    images: int = flags.IMAGES,
-    iterations: int = flags.ITERATIONS,
-    batch_size: int = flags.BATCH_SIZE,
-    lr: float = flags.LR,
-    seed: int = flags.SEED,
-    device: str = flags.DEVICE,
     calibration: Path = typer.Option(None, "--calibration", help="Calibrate on this calib.pt (from `zeroquant "
                                                                  "distill`) instead of distilling."),
-    keep_first_last: int = flags.KEEP_FIRST_LAST,
-    keep_depthwise: int = flags.KEEP_DEPTHWISE,
-    rounding: str = flags.ROUNDING,
-    reconstruct: str = flags.RECONSTRUCT,
-    effort: str = flags.EFFORT,
-    bias_correction: str = typer.Option("auto", "--bias-correction", help="Correct the output shift of weight "
-                                        "rounding: auto (networks with depthwise convs), on (measured on the "
-                                        "distilled images), analytic (from the BN statistics) or off."),
-    equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization of conv -> ReLU -> conv "
-                                                            "chains (exact; off by default, see the ablation)."),
-    pack_int4: bool = typer.Option(False, "--pack-int4", help="Store weights of <= 4 bits as INT4 (smaller file)."),
-    target_cpu: str = flags.TARGET_CPU,
-    no_cache: bool = flags.NO_CACHE,
-    trust_pickle: bool = flags.TRUST_PICKLE,
     float_output: Path = typer.Option(None, "--float-output", help="Also write the float32 ONNX model here."),
     workers: int = flags.WORKERS,
     json_out: bool = flags.JSON,
@@ -64,19 +36,12 @@ def quantize(
     from zeroquant.distributed import is_main_process
     from zeroquant.pipeline import quantize as run
 
-    run_in_workers(workers, device)
-    output = output or default_output(model, budget, wbits, abits)
+    run_in_workers(ctx, workers, options["device"])
+    budget, abits = options["budget"], options["abits"]
+    output = output or default_output(source["model"], budget, options["wbits"], abits)
     with progress_display(quiet=json_out or not is_main_process()) as progress:
-        result = run(model, output, input_shape=parse_shape(input_shape), calibration=calibration,
-                     float_output=float_output, arch=arch, weights=weights, trust_pickle=trust_pickle,
-                     progress=progress, input_range=flags.parse_range(input_range), wbits=wbits, abits=abits,
-                     budget=budget,
-                     wbits_choices=flags.parse_choices(wbits_choices), objective=objective, method=method,
-                     ranges=ranges, images=images, iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
-                     device=device, keep_first_last=keep_first_last, keep_depthwise=keep_depthwise,
-                     rounding=rounding, reconstruct=reconstruct, effort=effort, bias_correction=bias_correction,
-                     equalize=equalize,
-                     pack_int4=pack_int4, target_cpu=target_cpu, cache=not no_cache)
+        result = run(output=output, calibration=calibration, float_output=float_output, progress=progress, **source,
+                     **options)
     report = result.report
     if not is_main_process():
         return
@@ -110,22 +75,12 @@ def _weight_bits(layers) -> str:
     return f"W{bits[0]}" if len(bits) == 1 else f"W{bits[0]}-{bits[-1]} (mixed) "
 
 
-@app.command()
+@flags.takes_options("method", "images", "iterations", "batch_size", "lr", "seed", "device", "cache")
 def distill(
-    model: str = flags.MODEL,
+    ctx: typer.Context,
+    source: dict,
+    options: dict,
     output: Path = typer.Option(..., "-o", "--output", help="The calib.pt to write (or a folder for calib.pt)."),
-    arch: str = flags.ARCH,
-    weights: str = flags.WEIGHTS,
-    input_shape: str = flags.INPUT_SHAPE,
-    method: str = flags.METHOD,
-    images: int = flags.IMAGES,
-    iterations: int = flags.ITERATIONS,
-    batch_size: int = flags.BATCH_SIZE,
-    lr: float = flags.LR,
-    seed: int = flags.SEED,
-    device: str = flags.DEVICE,
-    no_cache: bool = flags.NO_CACHE,
-    trust_pickle: bool = flags.TRUST_PICKLE,
     preview: Path = typer.Option(None, "--preview", help="Also save a PNG grid of the images here."),
     workers: int = flags.WORKERS,
     json_out: bool = flags.JSON,
@@ -135,14 +90,12 @@ def distill(
     from zeroquant.distributed import is_main_process
     from zeroquant.pipeline import distill_calibration
 
-    run_in_workers(workers, device)
+    run_in_workers(ctx, workers, options["device"])
     if output.is_dir():
         output = output / "calib.pt"
     with progress_display(quiet=json_out or not is_main_process()) as progress:
-        calib, job, cached = distill_calibration(
-            model, output, input_shape=parse_shape(input_shape), arch=arch, weights=weights,
-            trust_pickle=trust_pickle, progress=progress, method=method, images=images, iterations=iterations,
-            batch_size=batch_size, lr=lr, seed=seed, device=device, cache=not no_cache, preview=preview)
+        calib, job, cached = distill_calibration(output=output, progress=progress, preview=preview, **source,
+                                                 **options)
     if not is_main_process():
         return
     summary = {"output": str(output), "images": len(calib.images), "method": calib.method,

@@ -10,6 +10,32 @@ import sys
 import tempfile
 import time
 
+import typer
+
+from zeroquant.errors import UsageError
+
+
+def run_in_workers(ctx: typer.Context, workers: int, device: str) -> None:
+    """--workers N: the same command (the invocation's arguments, cli.app.Session) in N local processes over gloo;
+    this process waits and exits with their code. Does nothing in a process that already belongs to a job
+    (torchrun's, or one --workers started)."""
+    if workers < 1:
+        raise UsageError("--workers must be positive")
+    if workers == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    if device == "cuda":
+        raise UsageError("--workers starts local processes on the CPU", "on GPUs use torchrun --nproc-per-node N "
+                                                                        "-m zeroquant ...")
+    argv, skip = [], False
+    for arg in ctx.find_root().obj.argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            argv.append(arg)
+    raise typer.Exit(launch_local(argv, workers))
+
 
 def launch_local(argv: list[str], workers: int) -> int:
     """Run `python -m zeroquant ARGV` in `workers` local processes joined over gloo; returns the exit code they

@@ -5,11 +5,9 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from zeroquant.cli.app import app
 from zeroquant.cli.output import print_json, stdout
 
 
-@app.command("zoo")
 def list_zoo(json_out: bool = typer.Option(False, "--json", help="Print the entries as JSON.")) -> None:
     """List the zoo entries: architecture, weights source, input shape, preprocessing."""
     from zeroquant.zoo.registry import zoo_entries

@@ -4,7 +4,8 @@ family with BatchNorm (CNN-attention hybrids included; timm:NAME) and ultralytic
 speed, not accuracy). For each: does it quantize, the share of conv/linear MACs in integer kernels, the float ops left
 in onnxruntime's optimised graph, batch-1 latency against the FP32 export and onnxruntime's own quantize_static of it
 (QDQ, per-channel, calibrated on noise), all timed interleaved in one run, quantize time and ONNX-vs-simulation
-parity. Writes the coverage section of benchmarks/RESULTS.md and coverage.json.
+parity. Writes the coverage section of benchmarks/RESULTS.md and coverage.json; with --models, the named rows are
+replaced and the others kept, each row naming the run (machine, load, versions, command) that measured it.
 
     python benchmarks/coverage.py [--models resnet18,timm:levit_128s,...] [--threads 2] [--seconds 20]
 """
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 import zeroquant
+from zeroquant.errors import first_line
 from zeroquant.cli.output import progress_display
 from zeroquant.evaluate.latency import kind_rows, measure, time_by_kind
 
@@ -130,14 +132,19 @@ def run_model(family: str, name: str, size: int, args, progress, log) -> dict:
             "outputs": report.outputs}
     log(f"{name}: onnxruntime quantize_static")
     noise = np.random.default_rng(0).standard_normal((16, 3, size, size), dtype=np.float32)
-    row["ort_quantize_s"] = round(ort_static(paths["FP32"], paths["ORT quantize_static"], noise), 1)
+    try:
+        row["ort_quantize_s"] = round(ort_static(paths["FP32"], paths["ORT quantize_static"], noise), 1)
+    except Exception as exc:  # onnxruntime's quantizer fails on this model: zeroquant is timed against FP32 alone
+        row["ort_error"] = f"{type(exc).__name__}: {first_line(exc, 160)}"
+        del paths["ORT quantize_static"]
     log(f"{name}: latency, interleaved")
     order = list(paths)
     latency = dict(zip(order, measure([paths[v] for v in order], 1, args.threads, seconds=args.seconds)))
     row["latency_ms"] = {v: round(latency[v].median_ms, 3) for v in order}
     row["latency_vs_fp32"] = latency["zeroquant"].median_ms / latency["FP32"].median_ms
-    row["latency_vs_ort"] = latency["zeroquant"].median_ms / latency["ORT quantize_static"].median_ms
-    row["ort_vs_fp32"] = latency["ORT quantize_static"].median_ms / latency["FP32"].median_ms
+    if "ORT quantize_static" in latency:
+        row["latency_vs_ort"] = latency["zeroquant"].median_ms / latency["ORT quantize_static"].median_ms
+        row["ort_vs_fp32"] = latency["ORT quantize_static"].median_ms / latency["FP32"].median_ms
     if name in PROFILED:
         log(f"{name}: kernel profile")
         row["time_by_kind"] = {v: [k.to_dict() for k in time_by_kind(paths[v], 1, args.threads, 100)] for v in order}
@@ -148,11 +155,19 @@ def _ops(ops: dict) -> str:
     return ", ".join(f"{op} {n}" for op, n in ops.items()) or "none"
 
 
+def _ratio(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else f"quantize_static failed ({row['ort_error']})"
+
+
 def markdown(results: dict) -> str:
-    run = results["run"]
+    runs = [run for run in results["runs"] if any(r["run"] == run["date"] for r in results["rows"])]
+    threads = sorted({run["threads"] for run in runs})
     lines = ["## Coverage: every torchvision family with BatchNorm, two segmentation models, timm families with "
              "BatchNorm (hybrids included) and YOLO11n", "",
-             *provenance_lines(run), "",
+             "Rows come from several runs (the `run` column); each run's machine, load and versions:", ""]
+    for number, run in enumerate(runs, 1):
+        lines += [f"Run {number}:", *provenance_lines(run), ""]
+    lines += [
              f"Random weights with BN statistics from 3 training-mode passes over noise (graph path and speed, not "
              f"accuracy); zeroquant W8A8 defaults except a short distillation ({DISTILL['images']} images, "
              f"{DISTILL['iterations']} steps). Latency: median of batch-1 runs with {run['threads']} onnxruntime "
@@ -160,18 +175,20 @@ def markdown(results: dict) -> str:
              "on 16 noise images) and zeroquant timed interleaved run by run. Float ops: the float islands left in "
              "onnxruntime's optimised graph (ops on the model's own float output listed apart). Parity: the "
              "ONNX file against zeroquant's PyTorch simulation on the distilled images (max difference over the "
-             "output's spread, and argmax agreement).", "",
-             "| family | model | input | ok | integer MACs | float ops left | zq / FP32 | zq / ORT static | "
+             "output's spread, and argmax agreement).", ""]
+    lines += [
+             "| run | family | model | input | ok | integer MACs | float ops left | zq / FP32 | zq / ORT static | "
              "ORT static / FP32 | zq ms | quantize s | parity (max diff, agreement) |",
-             "|---|---|--:|:-:|--:|---|--:|--:|--:|--:|--:|---|"]
+             "|--:|---|---|--:|:-:|--:|---|--:|--:|--:|--:|--:|---|"]
+    number = {run["date"]: n for n, run in enumerate(runs, 1)}
     for r in results["rows"]:
         if not r["ok"]:
-            lines.append(f"| {r['family']} | {r['model']} | {r['input']} | ✘ | | {r['error']} | | | | | | |")
+            lines.append(f"| {number[r['run']]} | {r['family']} | {r['model']} | {r['input']} | ✘ | | {r['error']} | | | | | | |")
             continue
         tail = f" (on the output: {_ops(r['output_float_ops'])})" if r["output_float_ops"] else ""
-        lines.append(f"| {r['family']} | {r['model']} | {r['input']} | ✔ | {100 * r['integer_mac_fraction']:.1f} % | "
-                     f"{_ops(r['float_ops'])}{tail} | {r['latency_vs_fp32']:.2f} | {r['latency_vs_ort']:.2f} | "
-                     f"{r['ort_vs_fp32']:.2f} | {r['latency_ms']['zeroquant']:.2f} | {r['quantize_s']:.0f} | "
+        lines.append(f"| {number[r['run']]} | {r['family']} | {r['model']} | {r['input']} | ✔ | {100 * r['integer_mac_fraction']:.1f} % | "
+                     f"{_ops(r['float_ops'])}{tail} | {r['latency_vs_fp32']:.2f} | {_ratio(r, 'latency_vs_ort')} | "
+                     f"{_ratio(r, 'ort_vs_fp32')} | {r['latency_ms']['zeroquant']:.2f} | {r['quantize_s']:.0f} | "
                      f"{r['parity']['relative_max_diff']:.3f}, {r['parity']['top1_agreement']:.0f} % |")
     lines.append("")
     for r in results["rows"]:
@@ -203,16 +220,17 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(by_name)}")
     saved = args.output / "coverage.json"
-    results = json.loads(saved.read_text()) if saved.exists() and args.models else {"rows": []}
+    results = json.loads(saved.read_text()) if saved.exists() and args.models else {"runs": [], "rows": []}
     run, start = provenance() | {"threads": args.threads}, time.perf_counter()
+    results["runs"].append(run)
     with progress_display() as progress:
         log = bench_log(progress)
         for name in chosen:
-            row = run_model(by_name[name][0], name, by_name[name][1], args, progress, log)
+            row = run_model(by_name[name][0], name, by_name[name][1], args, progress, log) | {"run": run["date"]}
             results["rows"] = [r for r in results["rows"] if r["model"] != name] + [row]
             order = list(by_name)
             results["rows"].sort(key=lambda r: order.index(r["model"]))
-            results["run"] = run | {"wall_s": round(time.perf_counter() - start, 1)}
+            run["wall_s"] = round(time.perf_counter() - start, 1)
             args.output.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(results, indent=1) + "\n")
             write_section(args.output / "RESULTS.md", "coverage", markdown(results))

@@ -42,7 +42,7 @@ CLASSIFIERS = {  # family: (torchvision name, input size)
 SEGMENTATION = {"lraspp": ("lraspp_mobilenet_v3_large", 224), "deeplabv3": ("deeplabv3_mobilenet_v3_large", 224)}
 # one model of every timm family that has BatchNorm (hybrids with attention included), the smallest of each; and
 # nf_resnet26 (weight standardisation, no BN: it must get the no-BatchNorm hint)
-TIMM = {f"timm {family}": (f"timm:{name}", 224) for family, name in {
+TIMM = {f"timm {family}": (f"timm:{name}", 256 if name.endswith("_256") else 224) for family, name in {
     "resnet": "resnet18", "resnetv2": "resnetv2_50", "regnet": "regnetx_002", "regnety": "regnety_002",
     "efficientnet": "efficientnet_b0", "mobilenetv3": "mobilenetv3_small_100", "mobilenetv4": "mobilenetv4_conv_small",
     "mnasnet": "mnasnet_100", "fbnet": "fbnetv3_b", "tinynet": "tinynet_e", "lcnet": "lcnet_050",
@@ -182,11 +182,12 @@ def markdown(results: dict) -> str:
              "|--:|---|---|--:|:-:|--:|---|--:|--:|--:|--:|--:|---|"]
     number = {run["date"]: n for n, run in enumerate(runs, 1)}
     for r in results["rows"]:
+        head = f"| {number[r['run']]} | {r['family']} | {r['model']} | {r['input']} |"
         if not r["ok"]:
-            lines.append(f"| {number[r['run']]} | {r['family']} | {r['model']} | {r['input']} | ✘ | | {r['error']} | | | | | | |")
+            lines.append(f"{head} ✘ | | {r['error']} | | | | | | |")
             continue
         tail = f" (on the output: {_ops(r['output_float_ops'])})" if r["output_float_ops"] else ""
-        lines.append(f"| {number[r['run']]} | {r['family']} | {r['model']} | {r['input']} | ✔ | {100 * r['integer_mac_fraction']:.1f} % | "
+        lines.append(f"{head} ✔ | {100 * r['integer_mac_fraction']:.1f} % | "
                      f"{_ops(r['float_ops'])}{tail} | {r['latency_vs_fp32']:.2f} | {_ratio(r, 'latency_vs_ort')} | "
                      f"{_ratio(r, 'ort_vs_fp32')} | {r['latency_ms']['zeroquant']:.2f} | {r['quantize_s']:.0f} | "
                      f"{r['parity']['relative_max_diff']:.3f}, {r['parity']['top1_agreement']:.0f} % |")

@@ -161,7 +161,7 @@ def _ratio(row: dict, key: str) -> str:
 
 def markdown(results: dict) -> str:
     runs = [run for run in results["runs"] if any(r["run"] == run["date"] for r in results["rows"])]
-    threads = sorted({run["threads"] for run in runs})
+    threads = ", ".join(f"run {n}: {run['threads']}" for n, run in enumerate(runs, 1))
     lines = ["## Coverage: every torchvision family with BatchNorm, two segmentation models, timm families with "
              "BatchNorm (hybrids included) and YOLO11n", "",
              "Rows come from several runs (the `run` column); each run's machine, load and versions:", ""]
@@ -170,9 +170,9 @@ def markdown(results: dict) -> str:
     lines += [
              f"Random weights with BN statistics from 3 training-mode passes over noise (graph path and speed, not "
              f"accuracy); zeroquant W8A8 defaults except a short distillation ({DISTILL['images']} images, "
-             f"{DISTILL['iterations']} steps). Latency: median of batch-1 runs with {run['threads']} onnxruntime "
-             "threads, FP32, onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, MinMax "
-             "on 16 noise images) and zeroquant timed interleaved run by run. Float ops: the float islands left in "
+             f"{DISTILL['iterations']} steps). Latency: median of batch-1 runs with the run's "
+             f"onnxruntime threads ({threads}), FP32, onnxruntime's quantize_static (QDQ, per-channel int8 weights, "
+             "uint8 activations, MinMax on 16 noise images) and zeroquant timed interleaved run by run. Float ops: the float islands left in "
              "onnxruntime's optimised graph (ops on the model's own float output listed apart). Parity: the "
              "ONNX file against zeroquant's PyTorch simulation on the distilled images (max difference over the "
              "output's spread, and argmax agreement).", ""]

@@ -1,8 +1,8 @@
-"""Coverage: one model of every torchvision family with BatchNorm, plus two segmentation models, one of every timm
-family with BatchNorm (CNN-attention hybrids included; timm:NAME) and ultralytics YOLO11n from its YAML, through zeroquant
-(random weights, BN statistics populated by training-mode passes over noise: this checks the graph path and the
-speed, not accuracy). For each: does it quantize, the share of conv/linear MACs in integer kernels, the float ops left
-in onnxruntime's optimised graph, batch-1 latency against the FP32 export and onnxruntime's own quantize_static of it
+"""Coverage: one model of every torchvision family with BatchNorm, plus two segmentation models, one of every timm family
+with BatchNorm (CNN-attention hybrids included; timm:NAME) and ultralytics YOLO11n from its YAML, through zeroquant
+(random weights, BN statistics populated by training-mode passes over noise: this checks the graph path and the speed,
+not accuracy). For each: does it quantize, the share of conv/linear MACs in integer kernels, the float ops left in
+onnxruntime's optimised graph, batch-1 latency against the FP32 export and onnxruntime's own quantize_static of it
 (QDQ, per-channel, calibrated on noise), all timed interleaved in one run, quantize time and ONNX-vs-simulation
 parity. Writes the coverage section of benchmarks/RESULTS.md and coverage.json; with --models, the named rows are
 replaced and the others kept, each row naming the run (machine, load, versions, command) that measured it.
@@ -117,9 +117,10 @@ def run_model(family: str, name: str, size: int, args, progress, log) -> dict:
     paths = {"FP32": folder / "fp32.onnx", "ORT quantize_static": folder / "ort.onnx", "zeroquant": folder / "zq.onnx"}
     row = {"family": family, "model": name, "input": size}
     log(f"{name}: quantizing")
+    model = build(name, size)  # outside the try: a model that fails on its own input is the benchmark's error
     clock = time.perf_counter()
     try:
-        result = zeroquant.quantize(build(name, size), paths["zeroquant"], input_shape=(3, size, size),
+        result = zeroquant.quantize(model, paths["zeroquant"], input_shape=(3, size, size),
                                     float_output=paths["FP32"], progress=progress, cache=False, **DISTILL)
     except zeroquant.ZeroQuantError as exc:
         return row | {"ok": False, "error": str(exc)}

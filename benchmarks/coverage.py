@@ -1,11 +1,12 @@
-"""Coverage: one model of every torchvision family with BatchNorm, plus two segmentation models, one of every timm family
-with BatchNorm (CNN-attention hybrids included; timm:NAME) and ultralytics YOLO11n from its YAML, through zeroquant
-(random weights, BN statistics populated by training-mode passes over noise: this checks the graph path and the speed,
-not accuracy). For each: does it quantize, the share of conv/linear MACs in integer kernels, the float ops left in
-onnxruntime's optimised graph, batch-1 latency against the FP32 export and onnxruntime's own quantize_static of it
-(QDQ, per-channel, calibrated on noise), all timed interleaved in one run, quantize time and ONNX-vs-simulation
-parity. Writes the coverage section of benchmarks/RESULTS.md and coverage.json; with --models, the named rows are
-replaced and the others kept, each row naming the run (machine, load, versions, command) that measured it.
+"""Coverage: one model of every torchvision family with BatchNorm, plus two segmentation models, one of every timm
+family with BatchNorm (CNN-attention hybrids included; timm:NAME) and ultralytics YOLO11n from its YAML, through
+zeroquant (random weights, BN statistics populated by training-mode passes over noise: this checks the graph path
+and the speed, not accuracy). For each: does it quantize, the share of conv/linear MACs in integer kernels, the
+float ops left in onnxruntime's optimised graph, batch-1 latency against the FP32 export and onnxruntime's own
+quantize_static of it (QDQ, per-channel, calibrated on noise), all timed interleaved in one run, quantize time and
+ONNX-vs-simulation parity. Writes the coverage section of benchmarks/RESULTS.md and coverage.json; with --models,
+the named rows are replaced and the others kept, each row naming the run (machine, load, versions, command) that
+measured it.
 
     python benchmarks/coverage.py [--models resnet18,timm:levit_128s,...] [--threads 2] [--seconds 20]
 """

@@ -4,7 +4,7 @@ not fit a session on 2 cores, and mutmut's own stats step fails on this layout, 
 
     # in a checkout with [mutmut] in setup.cfg (source_paths = zeroquant; only_mutate = zeroquant/quant/*,
     # zeroquant/export/*), after `mutmut run` has generated mutants/:
-    python benchmarks/mutation_sample.py CHECKOUT 30 out.json --mutmut-path DIR -- tests/test_ranges.py ... --deselect ID
+    python benchmarks/mutation_sample.py CHECKOUT 30 out.json --mutmut-path DIR -- tests/test_ranges.py ...
 """
 
 from __future__ import annotations

@@ -169,20 +169,17 @@ def markdown(results: dict) -> str:
              "Rows come from several runs (the `run` column); each run's machine, load and versions:", ""]
     for number, run in enumerate(runs, 1):
         lines += [f"Run {number}:", *provenance_lines(run), ""]
-    lines += [
-             f"Random weights with BN statistics from 3 training-mode passes over noise (graph path and speed, not "
-             f"accuracy); zeroquant W8A8 defaults except a short distillation ({DISTILL['images']} images, "
-             f"{DISTILL['iterations']} steps). Latency: median of batch-1 runs with the run's "
-             f"onnxruntime threads ({threads}), FP32, onnxruntime's quantize_static (QDQ, per-channel int8 weights, "
-             "uint8 activations, MinMax on 16 noise images) and zeroquant timed interleaved run by run. Float ops: "
-             "the float islands left in "
-             "onnxruntime's optimised graph (ops on the model's own float output listed apart). Parity: the "
-             "ONNX file against zeroquant's PyTorch simulation on the distilled images (max difference over the "
-             "output's spread, and argmax agreement).", ""]
-    lines += [
-             "| run | family | model | input | ok | integer MACs | float ops left | zq / FP32 | zq / ORT static | "
-             "ORT static / FP32 | zq ms | quantize s | parity (max diff, agreement) |",
-             "|--:|---|---|--:|:-:|--:|---|--:|--:|--:|--:|--:|---|"]
+    lines += [f"Random weights with BN statistics from 3 training-mode passes over noise (graph path and speed, not "
+              f"accuracy); zeroquant W8A8 defaults except a short distillation ({DISTILL['images']} images, "
+              f"{DISTILL['iterations']} steps). Latency: median of batch-1 runs with the run's onnxruntime threads "
+              f"({threads}), FP32, onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, "
+              "MinMax on 16 noise images) and zeroquant timed interleaved run by run. Float ops: the float islands "
+              "left in onnxruntime's optimised graph (ops on the model's own float output listed apart). Parity: the ONNX "
+              "file against zeroquant's PyTorch simulation on the distilled images (max difference over the output's "
+              "spread, and argmax agreement).", "",
+              "| run | family | model | input | ok | integer MACs | float ops left | zq / FP32 | zq / ORT static | "
+              "ORT static / FP32 | zq ms | quantize s | parity (max diff, agreement) |",
+              "|--:|---|---|--:|:-:|--:|---|--:|--:|--:|--:|--:|---|"]
     number = {run["date"]: n for n, run in enumerate(runs, 1)}
     for r in results["rows"]:
         head = f"| {number[r['run']]} | {r['family']} | {r['model']} | {r['input']} |"

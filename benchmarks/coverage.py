@@ -175,8 +175,8 @@ def markdown(results: dict) -> str:
               f"({threads}), FP32, onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, "
               "MinMax on 16 noise images) and zeroquant timed interleaved run by run. Float ops: the float islands "
               "left in onnxruntime's optimised graph (ops on the model's own float output listed apart). Parity: the "
-              "ONNX file against zeroquant's PyTorch simulation on the distilled images (max difference over the output's "
-              "spread, and argmax agreement).", "",
+              "ONNX file against zeroquant's PyTorch simulation on the distilled images (max difference over the "
+              "output's spread, and argmax agreement).", "",
               "| run | family | model | input | ok | integer MACs | float ops left | zq / FP32 | zq / ORT static | "
               "ORT static / FP32 | zq ms | quantize s | parity (max diff, agreement) |",
               "|--:|---|---|--:|:-:|--:|---|--:|--:|--:|--:|--:|---|"]

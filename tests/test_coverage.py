@@ -81,7 +81,8 @@ def test_dict_outputs_are_named_and_checked(tmp_path, capsys):
 
 class Handlers(nn.Module):
     """One of each op the export keeps out of float: SiLU, hardswish, an SE gate (hardsigmoid), a channel split
-    with shuffle and concat, a pre-activation BatchNorm, scalar arithmetic and a nearest upsampling."""
+    with shuffle and concat, a pre-activation BatchNorm, scalar arithmetic, a learnable one-element scale and offset
+    (HGNetV2's affine blocks: parameters, written c * x) and a nearest upsampling."""
 
     def __init__(self):
         super().__init__()
@@ -92,9 +93,10 @@ class Handlers(nn.Module):
         self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.preact = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1))
         self.head = nn.Linear(16, 6)
+        self.scale, self.offset = nn.Parameter(torch.tensor([0.8])), nn.Parameter(torch.tensor([0.1]))
 
     def forward(self, x):
-        x = self.expand(self.stem(x))
+        x = self.scale * self.expand(self.stem(x)) + self.offset
         x = x * self.squeeze(x)
         left, right = x.chunk(2, dim=1)
         x = torch.cat([left, self.branch(right)], 1)

@@ -122,6 +122,34 @@ def test_every_handler_runs_in_integer_kernels(tmp_path):
     assert np.abs(quantized - reference).max() < 0.1 * np.abs(reference).max()
 
 
+class Detector(nn.Module):
+    """A detection head's output: boxes in pixels (hundreds) joined with class scores in [0, 1] along channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.boxes = nn.Conv2d(16, 4, 1)
+        self.scores = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return torch.cat([300 + 100 * self.boxes(y), torch.sigmoid(self.scores(y))], 1).flatten(2)
+
+
+def test_a_float_output_concat_keeps_each_inputs_own_grid(tmp_path):
+    """One uint8 grid for boxes and scores (step ~1.7) rounds every score to 0 or one step; the concat and the
+    flatten after it run in float on the model's output anyway, so each input keeps its own quantizer."""
+    model = populated(Detector(), (3, 16, 16))
+    zeroquant.quantize(model, tmp_path / "det.onnx", input_shape=(3, 16, 16), **FAST)
+    x = np.random.default_rng(2).uniform(-1.5, 1.5, (4, 3, 16, 16)).astype(np.float32)  # within the input's range
+    got = run_all(session(tmp_path / "det.onnx"), x)[0]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    scores, reference = got[:, 4:], expected[:, 4:]
+    assert np.abs(scores - reference).max() < 0.03 * (reference.max() - reference.min())
+    assert np.abs(got[:, :4] - expected[:, :4]).max() < 0.03 * (expected[:, :4].max() - expected[:, :4].min())
+
+
 def test_hardswish_export_equals_the_simulation():
     """x + 3 quantized with six times the scale is hardsigmoid on the grid it is read with: the file and the
     simulation agree to rounding on every image, not only on average."""

@@ -90,7 +90,7 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
     taken: set[str] = {name for name, _ in gm.named_children()}
 
     def quantize_output(node: torch.fx.Node, shared: str | None = None) -> None:
-        if all(user.op == "output" for user in node.users) and not _is_conv(node, layers):
+        if _only_feeds_outputs(node) and not _is_conv(node, layers):
             return  # a model output stays float (a classifier's QGemm writes float logits); onnxruntime has no conv
             # kernel with a float output, so a conv's output map is quantized and dequantized like any other
         if node.users and all(user.target in FLOAT_READERS for user in node.users) and not _is_conv(node, layers):
@@ -145,11 +145,20 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
     return QuantSim(gm, layers, activations, layer_inputs, merged.get(image, image))
 
 
+def _only_feeds_outputs(node: torch.fx.Node) -> bool:
+    """Whether a value is used only as the model's output, directly or through shape-only ops (a flatten after a
+    detector's concat): quantizing it there would only round the output."""
+    return all(user.op == "output" or (role(user) is Role.PASSTHROUGH and _only_feeds_outputs(user))
+               for user in node.users)
+
+
 def _share_concat_quantizers(gm: torch.fx.GraphModule, activations: dict[str, ActivationQuantizer],
                              layer_inputs: dict[str, str]) -> dict[str, str]:
     """Merge the quantizers of every concat's inputs and output into one (union-find over all concats), so that
     onnxruntime joins the uint8 tensors without requantizing them: 0.95 ms against 1.25 ms for eight 96x56x56
-    split / conv / concat blocks with differing scales. The merged range covers every member."""
+    split / conv / concat blocks with differing scales. The merged range covers every member. A concat whose output
+    stays float (a detector's boxes in pixels joined with its scores in [0, 1] as the model's output) keeps its
+    inputs' own quantizers: one grid for both would round every score to 0."""
     parent = {name: name for name in activations}
 
     def find(name: str) -> str:
@@ -161,8 +170,11 @@ def _share_concat_quantizers(gm: torch.fx.GraphModule, activations: dict[str, Ac
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != aten.cat.default:
             continue
+        joined = [u.target for u in node.users if u.op == "call_module" and u.target in activations]
+        if not joined:  # a float concat (the model's output): no integer kernel to feed, nothing to share
+            continue
         members = [t.target for t in node.args[0] if isinstance(t, torch.fx.Node) and t.target in activations]
-        members += [u.target for u in node.users if u.op == "call_module" and u.target in activations]
+        members += joined
         for member in members[1:]:
             parent[find(member)] = find(members[0])
     merged = {name for name in activations if find(name) != name}

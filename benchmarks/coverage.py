@@ -24,6 +24,9 @@ import torch
 
 import zeroquant
 from zeroquant.errors import first_line
+from zeroquant.evaluate.datasets import load_image_folder
+from zeroquant.runtime import session
+from zeroquant.zoo.registry import Preprocessing
 from zeroquant.cli.output import progress_display
 from zeroquant.evaluate.latency import kind_rows, measure, time_by_kind
 
@@ -60,6 +63,7 @@ TIMM = {f"timm {family}": (f"timm:{name}", 256 if name.endswith("_256") else 224
     "tiny_vit (attention)": "tiny_vit_5m_224", "nextvit (attention)": "nextvit_small",
     "inception_next": "inception_next_tiny", "nfnet (no BN)": "nf_resnet26"}.items()}
 DETECTION = {"ultralytics yolo11": ("yolo:yolo11n.yaml", 640)}
+PHOTOS = HERE.parent.parent / "shared" / "data" / "imagenet-samples" / "images"  # detection fidelity on real photos
 PROFILED = ("mobilenet_v3_small", "efficientnet_b0")  # kernel time per layer kind, FP32 vs ORT vs zeroquant
 # random weights: distillation only has to exercise the path, so it is short (the defaults are in the README)
 DISTILL = dict(images=16, batch_size=16, iterations=10)
@@ -147,10 +151,39 @@ def run_model(family: str, name: str, size: int, args, progress, log) -> dict:
     if "ORT quantize_static" in latency:
         row["latency_vs_ort"] = latency["zeroquant"].median_ms / latency["ORT quantize_static"].median_ms
         row["ort_vs_fp32"] = latency["ORT quantize_static"].median_ms / latency["FP32"].median_ms
+    if name in {n for n, _ in DETECTION.values()}:
+        log(f"{name}: boxes and scores on real photos")
+        row["detection"] = detection_fidelity(paths, size)
     if name in PROFILED:
         log(f"{name}: kernel profile")
         row["time_by_kind"] = {v: [k.to_dict() for k in time_by_kind(paths[v], 1, args.threads, 100)] for v in order}
     return row
+
+
+def detection_fidelity(paths: dict, size: int, photos: int = 16) -> dict:
+    """Boxes and scores of each quantized file against the FP32 one on real photos (resized to size x size, pixels
+    in [0, 1] as ultralytics feeds them), from the decoded head [batch, 4 + classes, anchors]: box error in pixels
+    over every anchor (median, 95th percentile, max) and the class-score error over each image's score spread
+    (mean and max over images), since random weights give near-flat scores whose absolute error says little."""
+    prep = Preprocessing("yolo", resize=size, crop=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    images = load_image_folder(PHOTOS, prep, labels=None, limit=photos).images
+    outputs = {}
+    for variant, path in paths.items():
+        model = session(path)
+        name = model.get_inputs()[0].name
+        outputs[variant] = np.concatenate([model.run(None, {name: image[None]})[0] for image in images])
+    reference = outputs["FP32"]
+    spread = reference[:, 4:].max((1, 2)) - reference[:, 4:].min((1, 2))
+    fidelity = {"photos": len(images)}
+    for variant, out in outputs.items():
+        if variant == "FP32":
+            continue
+        box = np.abs(out[:, :4] - reference[:, :4])
+        score = np.abs(out[:, 4:] - reference[:, 4:]).max((1, 2)) / spread
+        fidelity[variant] = {"box_px_median": float(np.median(box)), "box_px_p95": float(np.percentile(box, 95)),
+                             "box_px_max": float(box.max()), "score_rel_mean": float(score.mean()),
+                             "score_rel_max": float(score.max())}
+    return fidelity
 
 
 def _ops(ops: dict) -> str:
@@ -192,6 +225,19 @@ def markdown(results: dict) -> str:
                      f"{_ratio(r, 'ort_vs_fp32')} | {r['latency_ms']['zeroquant']:.2f} | {r['quantize_s']:.0f} | "
                      f"{r['parity']['relative_max_diff']:.3f}, {r['parity']['top1_agreement']:.0f} % |")
     lines.append("")
+    for r in results["rows"]:
+        if "detection" not in r:
+            continue
+        found = r["detection"]
+        lines += [f"{r['model']} on {found['photos']} real photos ({PHOTOS.relative_to(HERE.parent.parent)}, resized "
+                  f"to {r['input']} px), each file's decoded boxes and class scores against the FP32 file's:", "",
+                  "| file | box error px, median | p95 | max | score error / score spread, mean | max |",
+                  "|---|--:|--:|--:|--:|--:|"]
+        for variant in (v for v in found if v != "photos"):
+            f = found[variant]
+            lines.append(f"| {variant} | {f['box_px_median']:.2f} | {f['box_px_p95']:.2f} | {f['box_px_max']:.2f} | "
+                         f"{f['score_rel_mean']:.3f} | {f['score_rel_max']:.3f} |")
+        lines.append("")
     for r in results["rows"]:
         if "time_by_kind" not in r:
             continue

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zeroquant.graph.ops import Role, aten, attribute_value, layer_name, role
+from zeroquant.graph.ops import Role, aten, attribute_value, layer_name, register_parameter, role
 
 
 @dataclass
@@ -72,8 +72,8 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphMo
         folded_bias = (bias - mean) * scale + beta
         base = layer_name(producer).replace(".", "_")
         with gm.graph.inserting_before(producer):
-            new_weight = _register(gm, f"{base}_weight", folded_weight)
-            new_bias = _register(gm, f"{base}_bias", folded_bias)
+            new_weight = register_parameter(gm, f"{base}_weight", folded_weight)
+            new_bias = register_parameter(gm, f"{base}_bias", folded_bias)
         args = list(producer.args)
         args[1] = new_weight
         if len(args) > 2:
@@ -125,8 +125,8 @@ def _fold_into_next_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
         torch.zeros(weight.shape[0])
     base = layer_name(linear).replace(".", "_")
     with gm.graph.inserting_before(linear):
-        new_weight = _register(gm, f"{base}_weight", weight * scale)
-        new_bias = _register(gm, f"{base}_bias", bias + weight @ (beta - mean * scale))
+        new_weight = register_parameter(gm, f"{base}_weight", weight * scale)
+        new_bias = register_parameter(gm, f"{base}_bias", bias + weight @ (beta - mean * scale))
     linear.args = (linear.args[0], new_weight, new_bias)
     node.replace_all_uses_with(node.args[0])
     gm.graph.erase_node(node)
@@ -163,24 +163,14 @@ def _as_depthwise_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     scale = gamma / torch.sqrt(var + eps)
     base = layer_name(node).replace(".", "_")
     with gm.graph.inserting_before(node):
-        weight = _register(gm, f"{base}_weight", scale.reshape(-1, 1, 1, 1))
-        bias = _register(gm, f"{base}_bias", beta - mean * scale)
+        weight = register_parameter(gm, f"{base}_weight", scale.reshape(-1, 1, 1, 1))
+        bias = register_parameter(gm, f"{base}_bias", beta - mean * scale)
         conv = gm.graph.call_function(torch.ops.aten.conv2d.default,
                                       (node.args[0], weight, bias, [1, 1], [0, 0], [1, 1], len(scale)))
     conv.meta = dict(node.meta)
     conv.meta["bn_output"] = (beta.detach().float().clone(), gamma.detach().abs().float().clone())
     node.replace_all_uses_with(conv)
     gm.graph.erase_node(node)
-
-
-def _register(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> torch.fx.Node:
-    """Store a tensor as a new top-level parameter of the graph module and return a get_attr node for it."""
-    attr = name
-    suffix = 1
-    while hasattr(gm, attr):
-        attr, suffix = f"{name}_{suffix}", suffix + 1
-    gm.register_parameter(attr, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
-    return gm.graph.get_attr(attr)
 
 
 @dataclass

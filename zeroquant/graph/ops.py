@@ -111,3 +111,13 @@ def layer_name(node: torch.fx.Node) -> str:
         if path:
             return path
     return node.name
+
+
+def register_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> torch.fx.Node:
+    """Store a tensor as a new top-level parameter of the graph module and return a get_attr node for it."""
+    attr = name
+    suffix = 1
+    while hasattr(gm, attr):
+        attr, suffix = f"{name}_{suffix}", suffix + 1
+    gm.register_parameter(attr, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    return gm.graph.get_attr(attr)

@@ -23,6 +23,7 @@ from torch._guards import detect_fake_mode
 
 from zeroquant.graph.batchnorm import fold_batchnorm
 from zeroquant.graph.branches import merge_branches
+from zeroquant.graph.constants import drop_identity_arithmetic
 from zeroquant.graph.ops import is_float_tensor
 
 aten = torch.ops.aten
@@ -96,10 +97,11 @@ def _fake_value(node: torch.fx.Node):
 
 
 def for_quantization(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
-    """The graph the simulation is built on: a copy with BatchNorms folded (or made depthwise convs), parallel
-    branches of one input merged into one conv (graph/branches.py) and the ops above decomposed; returns it and
-    how many BN layers were not folded into the layer before them."""
+    """The graph the simulation is built on: a copy with BatchNorms folded (or made depthwise convs), x * 1 and x + 0
+    dropped (graph/constants.py), parallel branches of one input merged into one conv (graph/branches.py) and the
+    ops above decomposed; returns it and how many BN layers were not folded into the layer before them."""
     folded, unfolded = fold_batchnorm(graph_module)
+    drop_identity_arithmetic(folded)
     merge_branches(folded)
     decompose(folded)
     return folded, unfolded

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 .PHONY: install demo test bench bench-accuracy
 install: $(STAMP)
 
-demo: $(STAMP)  ## quantize the embedded EfficientNet-Lite0 (no user files) and evaluate it if ../shared is present
+demo: $(STAMP)  ## quantize the embedded EfficientNet-Lite0 (no user files; `zeroquant eval` measures it, see README)
 	mkdir -p out
 	$(BIN)/zeroquant quantize zoo:efficientnet_lite0 -o out/efficientnet_lite0-w8a8.onnx \
 		--float-output out/efficientnet_lite0-fp32.onnx

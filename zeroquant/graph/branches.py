@@ -79,7 +79,7 @@ def _linear(gm: torch.fx.GraphModule, node, root: bool = False) -> Linear | None
     if node.target in MULS and len(node.args) == 2 and not node.kwargs:
         for tensor, constant in (node.args, node.args[::-1]):
             form = _linear(gm, tensor)
-            scale = _channel_values(gm, constant, form.weight.shape[0]) if form is not None else None
+            scale = _channel_values(gm, constant, form.weight) if form is not None else None
             if scale is not None:
                 return Linear(form.source, form.weight * scale.reshape(-1, 1, 1, 1), form.bias * scale, form.stride,
                               form.groups, form.convs, form.members + [node], form.absorbed + 1)
@@ -88,12 +88,12 @@ def _linear(gm: torch.fx.GraphModule, node, root: bool = False) -> Linear | None
         sign = -1.0 if node.target in SUBS else 1.0
         left, right = _linear(gm, node.args[0]), _linear(gm, node.args[1])
         if left is not None and right is None:  # conv + c, conv - c
-            offset = _channel_values(gm, node.args[1], left.weight.shape[0])
+            offset = _channel_values(gm, node.args[1], left.weight)
             if offset is not None:
                 return Linear(left.source, left.weight, left.bias + sign * offset, left.stride, left.groups,
                               left.convs, left.members + [node], left.absorbed + 1)
         if right is not None and left is None:  # c + conv, c - conv
-            offset = _channel_values(gm, node.args[0], right.weight.shape[0])
+            offset = _channel_values(gm, node.args[0], right.weight)
             if offset is not None:
                 return Linear(right.source, sign * right.weight, offset + sign * right.bias, right.stride,
                               right.groups, right.convs, right.members + [node], right.absorbed + 1)
@@ -124,24 +124,26 @@ def _conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Linear | None:
     if weight.dim() != 4 or weight.shape[-2] != size or size % 2 == 0 or padding != (size // 2, size // 2) or \
             dilation != (1, 1) or stride[0] != stride[1]:
         return None
-    bias = attribute_value(gm, bias_node) if isinstance(bias_node, torch.fx.Node) else torch.zeros(weight.shape[0])
+    bias = attribute_value(gm, bias_node) if isinstance(bias_node, torch.fx.Node) else weight.new_zeros(weight.shape[0])
     return Linear(source, weight, bias, stride[0], int(groups), [node], [node])
 
 
-def _channel_values(gm: torch.fx.GraphModule, constant, channels: int) -> torch.Tensor | None:
-    """A Python number, or a parameter of one value or one per channel ([C], [C, 1, 1], [1, C, 1, 1]), as [C]."""
+def _channel_values(gm: torch.fx.GraphModule, constant, weight: torch.Tensor) -> torch.Tensor | None:
+    """A Python number, or a parameter of one value or one per output channel of `weight` ([C, 1, 1] or
+    [1, C, 1, 1]), as [C] on weight's device and dtype."""
+    channels = weight.shape[0]
     if isinstance(constant, (int, float)) and not isinstance(constant, bool):
-        return torch.full((channels,), float(constant))
+        return weight.new_full((channels,), float(constant))
     if not isinstance(constant, torch.fx.Node) or constant.op != "get_attr":
         return None
     value = attribute_value(gm, constant)
     if not value.is_floating_point():
         return None
     if value.numel() == 1:
-        return value.reshape(1).expand(channels).float().clone()
-    shape = [d for d in value.shape]
+        return value.reshape(1).expand(channels).to(weight).clone()
+    shape = list(value.shape)
     if value.numel() == channels and value.dim() in (3, 4) and shape[-2:] == [1, 1] and shape[-3] == channels:
-        return value.reshape(channels).float().clone()
+        return value.reshape(channels).to(weight).clone()
     return None
 
 

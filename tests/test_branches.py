@@ -3,6 +3,7 @@ MobileOne, RepGhost and FastViT, exact in float, and left alone wherever the sum
 
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import zeroquant
@@ -120,3 +121,34 @@ def test_arithmetic_that_leaves_its_input_is_dropped(tmp_path):
     zeroquant.quantize(model, tmp_path / "u.onnx", input_shape=(3, 16, 16), **FAST)
     ops = {n.op_type for n in onnx.load(tmp_path / "u.onnx").graph.node}
     assert not {"Mul", "Add", "Div"} & ops, ops
+
+
+class Pools(nn.Module):
+    """ResNeSt's pools: 3x3 stride 2 with padding counted, 2x2 stride 2 with ceil_mode on an even size (no partial
+    window); and two that are not a conv: padding not counted, and a partial window from ceil_mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = F.avg_pool2d(x, 3, 2, 1) + F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+        y = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        partial = F.avg_pool2d(x[..., :7, :7], 2, 2, ceil_mode=True)
+        return self.head((x + y).mean((2, 3)) + partial.mean((2, 3)))
+
+
+def test_average_pools_that_equal_a_depthwise_conv_become_one(tmp_path):
+    """onnxruntime's QLinearAveragePool measured 12x slower than the int8 depthwise conv computing the same pool."""
+    model = populated(Pools(), (3, 16, 16))
+    folded, _ = for_quantization(capture(model, (3, 16, 16)).graph_module)
+    ops = _ops(folded)
+    assert ops[aten.avg_pool2d.default] == 2 and ops[aten.conv2d.default] == 1 + 2, ops
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    result = zeroquant.quantize(model, tmp_path / "p.onnx", input_shape=(3, 16, 16), **FAST)
+    ops = result.report.census["op_counts"]
+    assert (ops["QLinearConv"], ops["QLinearAveragePool"]) == (3, 2), ops

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroquant.graph.batchnorm import DROPOUTS
-from zeroquant.graph.ops import aten, attribute_value, register_parameter
+from zeroquant.graph.ops import aten, attribute_value, pair, register_parameter
 
 ADDS = {aten.add.Tensor, aten.add_.Tensor}
 SUBS = {aten.sub.Tensor, aten.sub_.Tensor}
@@ -119,7 +119,7 @@ def _conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Linear | None:
     if not isinstance(source, torch.fx.Node) or not isinstance(weight_node, torch.fx.Node) or node.kwargs:
         return None
     weight = attribute_value(gm, weight_node)
-    stride, padding, dilation = (_pair(v) for v in (stride, padding, dilation))
+    stride, padding, dilation = (pair(v) for v in (stride, padding, dilation))
     size = weight.shape[-1]
     if weight.dim() != 4 or weight.shape[-2] != size or size % 2 == 0 or padding != (size // 2, size // 2) or \
             dilation != (1, 1) or stride[0] != stride[1]:
@@ -150,11 +150,6 @@ def _channel_values(gm: torch.fx.GraphModule, constant, weight: torch.Tensor) ->
 def _padded(weight: torch.Tensor, size: int) -> torch.Tensor:
     margin = (size - weight.shape[-1]) // 2
     return F.pad(weight, [margin] * 4)
-
-
-def _pair(value) -> tuple[int, int]:
-    values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-    return (values[0], values[-1])
 
 
 def _replace(gm: torch.fx.GraphModule, root: torch.fx.Node, form: Linear) -> None:

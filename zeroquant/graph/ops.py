@@ -121,3 +121,9 @@ def register_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor)
         attr, suffix = f"{name}_{suffix}", suffix + 1
     gm.register_parameter(attr, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
     return gm.graph.get_attr(attr)
+
+
+def pair(value) -> tuple[int, int]:
+    """A conv or pool argument (an int, or a list of one or two) as (height, width)."""
+    values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+    return values[0], values[-1]

@@ -21,7 +21,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.graph.ops import aten, attribute_value, relu_upper_bound
+from zeroquant.graph.ops import COMMUTATIVE, aten, constant_value, relu_upper_bound
 from zeroquant.quant.quantizers import INT32_MAX, ActivationQuantizer, QuantizedLayer
 from zeroquant.quant.sim import QuantSim, clamp_quantizers
 
@@ -159,22 +159,18 @@ def _hardsigmoids(gm: torch.fx.GraphModule, sim: QuantSim) -> None:
 def _scalar_constant(gm: torch.fx.GraphModule, arg) -> float | None:
     """The value of a Python number, or of a one-element float parameter (a learnable scale or offset, as in
     HGNetV2's affine blocks), that an elementwise op reads; None for anything else."""
-    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
-        return float(arg)
-    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-        value = attribute_value(gm, arg)
-        if value.is_floating_point() and value.numel() == 1 and value.dim() <= 1:
-            return float(value)
-    return None
+    value = constant_value(gm, arg)
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.is_floating_point() and value.numel() == 1 and value.dim() <= 1 else None
+    return value
 
 
 def _quantized_constants(gm: torch.fx.GraphModule) -> None:
-    commutative = {aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SCALAR_OPS or len(node.args) != 2 or node.kwargs:
             continue
         tensor, value = node.args[0], _scalar_constant(gm, node.args[1])
-        if value is None and node.target in commutative:  # c * x, c + x
+        if value is None and node.target in COMMUTATIVE:  # c * x, c + x
             tensor, value = node.args[1], _scalar_constant(gm, node.args[0])
         if value is None or not isinstance(tensor, torch.fx.Node) or _scalar_constant(gm, tensor) is not None:
             continue

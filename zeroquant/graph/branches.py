@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroquant.graph.batchnorm import DROPOUTS
-from zeroquant.graph.ops import aten, attribute_value, pair, register_parameter
+from zeroquant.graph.ops import aten, attribute_value, constant_value, pair, register_parameter
 
 ADDS = {aten.add.Tensor, aten.add_.Tensor}
 SUBS = {aten.sub.Tensor, aten.sub_.Tensor}
@@ -50,7 +50,7 @@ def merge_branches(gm: torch.fx.GraphModule) -> int:
         if node not in alive or node.op != "call_function" or node.target not in ARITHMETIC:
             continue
         form = _linear(gm, node, root=True)
-        if form is None or form.absorbed == 0 or len(form.convs) + form.absorbed < 2:
+        if form is None or form.absorbed == 0:  # a lone conv: nothing merged
             continue
         before = len(alive)
         _replace(gm, node, form)
@@ -131,13 +131,10 @@ def _conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Linear | None:
 def _channel_values(gm: torch.fx.GraphModule, constant, weight: torch.Tensor) -> torch.Tensor | None:
     """A Python number, or a parameter of one value or one per output channel of `weight` ([C, 1, 1] or
     [1, C, 1, 1]), as [C] on weight's device and dtype."""
-    channels = weight.shape[0]
-    if isinstance(constant, (int, float)) and not isinstance(constant, bool):
-        return weight.new_full((channels,), float(constant))
-    if not isinstance(constant, torch.fx.Node) or constant.op != "get_attr":
-        return None
-    value = attribute_value(gm, constant)
-    if not value.is_floating_point():
+    channels, value = weight.shape[0], constant_value(gm, constant)
+    if isinstance(value, float):
+        return weight.new_full((channels,), value)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return None
     if value.numel() == 1:
         return value.reshape(1).expand(channels).to(weight).clone()

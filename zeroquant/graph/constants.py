@@ -11,7 +11,7 @@ import operator
 
 import torch
 
-from zeroquant.graph.ops import aten, attribute_value
+from zeroquant.graph.ops import COMMUTATIVE, aten, attribute_value, constant_value
 
 
 def depends_on_input(node: torch.fx.Node) -> bool:
@@ -68,7 +68,6 @@ def fold_parameter_ops(graph_module: torch.fx.GraphModule) -> int:
 
 IDENTITIES = {aten.add.Tensor: 0.0, aten.add_.Tensor: 0.0, aten.sub.Tensor: 0.0, aten.sub_.Tensor: 0.0,
               aten.mul.Tensor: 1.0, aten.mul_.Tensor: 1.0, aten.div.Tensor: 1.0, aten.div_.Tensor: 1.0}
-COMMUTATIVE = {aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor}
 
 
 def drop_identity_arithmetic(graph_module: torch.fx.GraphModule) -> int:
@@ -94,12 +93,10 @@ def drop_identity_arithmetic(graph_module: torch.fx.GraphModule) -> int:
 
 
 def _is_everywhere(graph_module: torch.fx.GraphModule, constant, value: float) -> bool:
-    if isinstance(constant, (int, float)) and not isinstance(constant, bool):
-        return float(constant) == value
-    if isinstance(constant, torch.fx.Node) and constant.op == "get_attr":
-        tensor = attribute_value(graph_module, constant)
-        return isinstance(tensor, torch.Tensor) and bool((tensor == value).all())
-    return False
+    found = constant_value(graph_module, constant)
+    if isinstance(found, torch.Tensor):
+        return bool((found == value).all())
+    return found == value
 
 
 def _same_tensor_type(tensor: torch.fx.Node, result: torch.fx.Node) -> bool:

@@ -118,10 +118,11 @@ def _pools_as_convs(graph_module: torch.fx.GraphModule) -> int:
         if ceil_mode and list(after.shape[2:]) != floor:
             continue  # a partial window at the edge divides by fewer elements
         channels = before.shape[1]
-        weight = torch.full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1]), dtype=before.dtype)
+        weight = torch.full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1]), dtype=before.dtype,
+                            device=before.device)
         with graph.inserting_before(node):
             weight_node = register_parameter(graph_module, f"{node.name}_weight", weight)
-            bias_node = register_parameter(graph_module, f"{node.name}_bias", torch.zeros(channels, dtype=before.dtype))
+            bias_node = register_parameter(graph_module, f"{node.name}_bias", weight.new_zeros(channels))
             conv = graph.call_function(aten.conv2d.default, (source, weight_node, bias_node, list(stride),
                                                              list(padding), [1, 1], channels))
         conv.meta = dict(node.meta)

@@ -127,3 +127,17 @@ def pair(value) -> tuple[int, int]:
     """A conv or pool argument (an int, or a list of one or two) as (height, width)."""
     values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
     return values[0], values[-1]
+
+
+COMMUTATIVE = {aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor}
+
+
+def constant_value(graph_module: torch.fx.GraphModule, arg) -> float | torch.Tensor | None:
+    """An elementwise op's constant operand: a Python number as a float, a parameter read (get_attr) as its tensor;
+    None for anything else (a computed tensor, a bool)."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        return attribute_value(graph_module, arg)
+    return None
+

@@ -1,7 +1,8 @@
 """How good are calibration images? One fixed quantizer, changing only the images it calibrates on.
 
 The ruler: W4A8 for EfficientNet-Lite0, W4A4 for the CIFAR ResNets; depthwise, first and last layers at 8 bits
-(the defaults), GPTQ rounding, calibration only (no reconstruction), seed 0. Each source gives N images:
+(the defaults), GPTQ rounding, calibration only (no reconstruction), default bias correction (part of the ruler
+in the tables: it changed from measured to analytic), seed 0. Each source gives N images:
 
 - real: photos (the upper bound). Lite0: the even-indexed half of ../shared's 500 ImageNet photos (cycled with
   horizontal flips beyond 250); the CIFAR ResNets: ../shared's CIFAR-10 training images.
@@ -142,7 +143,15 @@ def score(job, images: torch.Tensor, test: ImageSet, reference: torch.Tensor) ->
     top1, _, agreement = evaluate_logits(logits.numpy(), test.labels, reference.numpy())
     kl = F.kl_div(F.log_softmax(logits.double(), 1), F.log_softmax(reference.double(), 1), log_target=True,
                   reduction="batchmean")
-    return {"top1": round(top1, 2), "agreement": round(agreement, 2), "kl": round(float(kl), 4)}
+    return {"top1": round(top1, 2), "agreement": round(agreement, 2), "kl": round(float(kl), 4),
+            "bias_correction": bias_correction(job.options, prepared.sim)}
+
+
+def bias_correction(options: QuantizeOptions, sim) -> str:
+    """Part of the ruler: whether the quantizer corrected biases, from the images or the BN statistics."""
+    if not options.corrects_biases(any(layer.is_depthwise for layer in sim.layers.values())):
+        return "none"
+    return "analytic" if options.corrects_biases_analytically() else "measured"
 
 
 def run(args) -> None:
@@ -157,13 +166,14 @@ def run(args) -> None:
         for count in args.images:
             images, seconds, bn_loss = make_images(job, source, count, pool, args)
             scored = score(job, images, test, reference)
+            ruler = f"W{wbits}A{abits}, bias correction {scored.pop('bias_correction')}"
             row = {"model": args.model, "images": count, "source": source, "fp32_top1": round(fp32, 2),
                    "drop": round(fp32 - scored["top1"], 2), **scored, "seconds": round(seconds, 1),
                    "images_per_s": round(count / seconds, 3) if seconds else None,
-                   "bn_loss": None if bn_loss != bn_loss else round(bn_loss, 2), "ruler": f"W{wbits}A{abits}",
+                   "bn_loss": None if bn_loss != bn_loss else round(bn_loss, 2), "ruler": ruler,
                    "eval_images": len(test.labels), "seed": args.seed, **provenance()}
             rows = json.loads(JSON.read_text()) if JSON.exists() else {}  # read again: runs of other sources beside
-            rows[f"{args.model}|{count}|{source}" + (f"|seed {args.seed}" if args.seed else "")] = row
+            rows[f"{args.model}|{count}|{source}" + (f"|seed {args.seed}" if args.seed else "") + f"|{ruler}"] = row
             JSON.write_text(json.dumps(rows, indent=1, sort_keys=True))
             print(json.dumps({k: row[k] for k in ("model", "images", "source", "top1", "drop", "agreement", "kl",
                                                   "seconds")}), flush=True)
@@ -176,13 +186,14 @@ def markdown(rows: dict) -> str:
              "on photos no source saw (Lite0: the odd-indexed 250 of the 500 ImageNet samples, real calibration "
              "photos come from the even-indexed half; ResNets: CIFAR-10 test images, real ones from the training "
              "images). Gap: the drop minus the drop with the same number of real photos. Seconds: making the "
-             "images on this machine (distillation; MCT's generation in its own process). The seed picks the real "
+             "images on this machine (distillation; MCT's generation in its own process); comparable within a run "
+             "(some screening runs shared the two cores with another job). The seed picks the real "
              "photos, the distillation's start and the quantizer's; run: which command measured the row (below each "
              "table).", ""]
     by_model: dict = {}
     for row in rows.values():
-        by_model.setdefault((row["model"], row["images"], row.get("seed", 0)), []).append(row)
-    for (model, count, seed), group in sorted(by_model.items()):
+        by_model.setdefault((row["model"], row["ruler"], row["images"], row.get("seed", 0)), []).append(row)
+    for (model, _, count, seed), group in sorted(by_model.items()):
         real = next((r for r in group if r["source"] == "real"), None)
         first = group[0]
         runs = list(dict.fromkeys((r["versions"]["zeroquant"], r["command"])

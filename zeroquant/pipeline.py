@@ -259,7 +259,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bit
     has_depthwise = any(layer.is_depthwise for layer in sim.layers.values())
     if options.corrects_biases(has_depthwise):
         with progress.stage("bias correction"):
-            correct_biases(sim, calib.images, analytic=options.bias_correction == "analytic")
+            correct_biases(sim, calib.images, analytic=options.corrects_biases_analytically())
         lap("bias_correction")
     reconstruction = []
     if options.reconstructs(low_bit):

@@ -187,7 +187,9 @@ def markdown(rows: dict) -> str:
              "photos come from the even-indexed half; ResNets: CIFAR-10 test images, real ones from the training "
              "images). Gap: the drop minus the drop with the same number of real photos. Seconds: making the "
              "images on this machine (distillation; MCT's generation in its own process); comparable within a run "
-             "(some screening runs shared the two cores with another job). The seed picks the real "
+             "(some screening runs shared the two cores with another job). tv_absolute: rows measured while the "
+             "inversion's tv was a fixed weight (their commands say tv=); it is now relative to the matching "
+             "gradient. The seed picks the real "
              "photos, the distillation's start and the quantizer's; run: which command measured the row (below each "
              "table).", ""]
     by_model: dict = {}

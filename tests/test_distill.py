@@ -32,6 +32,21 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradient(graph):
     assert micro.measure(images)[0] == pytest.approx(full.loss, rel=1e-5)
 
 
+def test_a_layers_emphasis_weighs_its_gradient_not_the_loss_reported(graph):
+    """Inversion weighs the first BN layer more; micro-batches must weigh it the same, and the loss it reports stays
+    the plain one, comparable between distillers."""
+    images = torch.randn(12, *SHAPE, generator=torch.Generator().manual_seed(0))
+    plain = BatchNormMatcher(graph, SHAPE, CPU).step(images)
+    whole = BatchNormMatcher(graph, SHAPE, CPU)
+    micro = BatchNormMatcher(graph, SHAPE, CPU, memory_budget=5 * whole.bytes_per_image(SHAPE))
+    for matcher in (whole, micro):
+        matcher.taps[0].emphasis = 10.0
+    full, split = whole.step(images), micro.step(images)
+    assert full.loss == pytest.approx(plain.loss, rel=1e-6) and split.loss == pytest.approx(plain.loss, rel=1e-5)
+    torch.testing.assert_close(split.grad, full.grad, rtol=1e-4, atol=1e-6)
+    assert (full.grad - plain.grad).norm() > 0.1 * plain.grad.norm()
+
+
 def test_saved_activations_grow_with_resolution(graph):
     matcher = BatchNormMatcher(graph, SHAPE, CPU)
     assert matcher.bytes_per_image((3, 32, 32)) > 3.5 * matcher.bytes_per_image(SHAPE)

@@ -33,6 +33,7 @@ class BatchNormTap(nn.Module):
     def __init__(self, name, weight, bias, mean, var, eps):
         super().__init__()
         self.name, self.eps, self.mode = name, eps, "loss"
+        self.emphasis = 1.0  # this layer's weight in the gradient (the loss reported stays unweighted, comparable)
         for attr, value in dict(weight=weight, bias=bias, mean=mean, var=var).items():
             self.register_buffer(attr, None if value is None else value.detach().clone())
         self.value: torch.Tensor | float = 0.0  # the loss ("loss") or the surrogate ("surrogate")
@@ -64,7 +65,7 @@ class BatchNormTap(nn.Module):
         mean = (s1 / n).requires_grad_(True)
         var = (s2 / n - mean.detach().square()).clamp_min(0).requires_grad_(True)
         loss = self.loss(mean, torch.sqrt(var + self.eps))
-        d_mean, d_var = torch.autograd.grad(loss, (mean, var))
+        d_mean, d_var = torch.autograd.grad(self.emphasis * loss, (mean, var))
         # L(S1, S2) with mean = S1/n, var = S2/n - mean^2: the chain rule through the sums
         self.coefficients = ((d_mean - 2 * mean.detach() * d_var) / n).float(), (d_var / n).float()
         return float(loss.detach())
@@ -166,7 +167,7 @@ class BatchNormMatcher:
             self._set_mode("loss")
             output = self.model(x)
             bn = sum(tap.value for tap in self.taps)
-            total = bn + extra(output, slice(0, len(x)))
+            total = sum(tap.emphasis * tap.value for tap in self.taps) + extra(output, slice(0, len(x)))
             (grad,) = torch.autograd.grad(total, x)
             return Step(float(bn.detach()), {tap.name: float(tap.value.detach()) for tap in self.taps}, grad)
         self._set_mode("sums")

@@ -149,9 +149,8 @@ def score(job, images: torch.Tensor, test: ImageSet, reference: torch.Tensor) ->
 
 def bias_correction(options: QuantizeOptions, sim) -> str:
     """Part of the ruler: whether the quantizer corrected biases, from the images or the BN statistics."""
-    if not options.corrects_biases(any(layer.is_depthwise for layer in sim.layers.values())):
-        return "none"
-    return "analytic" if options.corrects_biases_analytically() else "measured"
+    source = options.bias_correction_source(any(layer.is_depthwise for layer in sim.layers.values()))
+    return {None: "none", "images": "measured", "statistics": "analytic"}[source]
 
 
 def run(args) -> None:

@@ -98,15 +98,16 @@ class QuantizeOptions:
                 "products add in int32 (x86 VNNI or AMX, ARM dot product); on AVX2 or AVX-512 without VNNI they can "
                 "saturate: quantize with --target-cpu portable for those")
 
-    def corrects_biases(self, has_depthwise: bool) -> bool:
-        """auto: on for networks with depthwise convs, where it measured better (benchmarks/ablation)."""
-        return self.bias_correction in ("on", "analytic") or (self.bias_correction == "auto" and has_depthwise)
-
-    def corrects_biases_analytically(self) -> bool:
-        """auto corrects from the BN statistics: distilled images' channel means are not the training data's, and on
-        EfficientNet-Lite0 W4A8 (GPTQ) the shift measured on them cost 4.8 top-1 points against 2.8 analytic (the
-        drop with real photos: 4.0 measured, 2.4 analytic); at W8A8 both are equal (benchmarks/RESULTS.md)."""
-        return self.bias_correction in ("auto", "analytic")
+    def bias_correction_source(self, has_depthwise: bool) -> str | None:
+        """Where the input means of bias correction come from: "statistics" (the BN's), "images" (measured on the
+        calibration images) or None (no correction). auto corrects networks with depthwise convs, where it measured
+        better (benchmarks/ablation), from the statistics: distilled images' channel means are not the training
+        data's, and on EfficientNet-Lite0 W4A8 (GPTQ, 0.2.0's inversion images) the measured shift dropped 10.8 and
+        11.2 top-1 points on two seeds against 8.0 and 9.6 from the statistics; with real photos the two are even
+        (5.6 / 4.0 and 5.6 / 6.4), and at W8A8 equal (benchmarks/RESULTS.md)."""
+        if self.bias_correction == "off" or (self.bias_correction == "auto" and not has_depthwise):
+            return None
+        return "images" if self.bias_correction == "on" else "statistics"
 
     def reconstructs(self, low_bit: bool) -> bool:
         """auto: below 8 bits, where rounding alone loses accuracy; at 8 bits it costs minutes for nothing."""

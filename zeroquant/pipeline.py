@@ -257,9 +257,10 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bit
         rounding = gptq(sim, calib.images, second_order, progress=progress)
         lap("rounding")
     has_depthwise = any(layer.is_depthwise for layer in sim.layers.values())
-    if options.corrects_biases(has_depthwise):
+    correction = options.bias_correction_source(has_depthwise)
+    if correction:
         with progress.stage("bias correction"):
-            correct_biases(sim, calib.images, analytic=options.corrects_biases_analytically())
+            correct_biases(sim, calib.images, analytic=correction == "statistics")
         lap("bias_correction")
     reconstruction = []
     if options.reconstructs(low_bit):

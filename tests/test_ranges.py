@@ -184,6 +184,38 @@ def test_default_bias_correction_follows_the_bn_statistics_not_the_images(mode, 
         assert torch.equal(shifts[0][name], shifts[1][name]) != follows_images, name
 
 
+class SplitConvs(nn.Module):
+    """MixNet's mixed conv: one BN output split into channel groups, each read by its own conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        first, second = self.stem(x).split(8, dim=1)
+        return torch.cat([self.depthwise(first), self.pointwise(second)], 1)
+
+
+def test_analytic_bias_correction_measures_layers_behind_a_split():
+    """The prior describes the whole BN output; a conv reading a split of it is measured (it crashed: 16 prior
+    channels against 8 input channels, on timm's mixnet_s)."""
+    from zeroquant.options import QuantizeOptions
+    from zeroquant.pipeline import prepare, start
+    from zeroquant.zoo.loading import LoadedModel
+
+    torch.manual_seed(0)
+    model = SplitConvs()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 8, 8))
+    model.eval()
+    job = start(LoadedModel(model, "split", (3, 8, 8), None, None), None, QuantizeOptions(cache=False), {})
+    sim = prepare(job, torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))).sim
+    assert all(layer.bias_shift.abs().max() > 0 for layer in sim.layers.values())
+
+
 def test_input_statistics_from_the_first_batchnorm():
     """The first conv + BN's running statistics imply the input's mean and scale: trained on smooth images of known
     statistics (per-channel means 0.3, -0.2, 0.1; std 0.5), the estimate lands near them."""

@@ -33,11 +33,20 @@ def analytic_shift(layer, input_mean: torch.Tensor) -> torch.Tensor:
     return error @ input_mean
 
 
+def _describes_input(prior, layer) -> bool:
+    """Whether the BN-derived prior is of the tensor the layer reads: a layer behind a split or slice of it (MixNet's
+    mixed convs read channel groups of one BN output) reads fewer channels than the prior has, and is measured."""
+    if prior is None:
+        return False
+    groups = layer.conv_args[3] if layer.kind == "conv" else 1
+    return len(prior.mean) == layer.weight.shape[1] * groups
+
+
 def correct_biases(sim: QuantSim, images: torch.Tensor, batch_size: int = 32, analytic: bool = False) -> None:
     """Add every layer's output shift to the bias it has when quantized (layer.bias_shift): from the BN statistics of
     its input where known and `analytic`, otherwise measured in a float pass (activations unquantized)."""
     priors = {name: sim.activations[feeding].prior for name, feeding in sim.layer_inputs.items()
-              if analytic and feeding and sim.activations[feeding].prior is not None}
+              if analytic and feeding and _describes_input(sim.activations[feeding].prior, sim.layers[name])}
     for name, prior in priors.items():
         layer = sim.layers[name]
         layer.bias_shift += analytic_shift(layer, prior.expected_mean())

@@ -1,0 +1,92 @@
+"""The effort ladder: accuracy against minutes of the low-bit commands a user would type, each run as a user runs
+it (`zeroquant quantize` under GNU time, then `zeroquant eval` against the float file). Distillation runs once, into
+an empty cache, and its seconds are added to every row, so a row's minutes are those of a fresh machine. Writes the
+effort section of benchmarks/RESULTS.md; rows of variants not run this time are kept from the last run that had them.
+
+    python benchmarks/effort.py [--variants 'W4A8 calibration only,W4A8 fast'] [--model zoo:efficientnet_lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_file import provenance, provenance_lines, write_section  # noqa: E402  (a sibling script)
+
+ZEROQUANT = Path(sys.executable).with_name("zeroquant")
+VARIANTS = {
+    "W4A8 calibration only": ["--wbits", "4", "--reconstruct", "off"],
+    "W4A8 fast": ["--wbits", "4", "--effort", "fast"],
+    "W4A8 default": ["--wbits", "4"],
+    "mixed 5.0 bits A8 calibration only": ["--budget", "5.0", "--reconstruct", "off"],
+    "mixed 5.0 bits A8 fast": ["--budget", "5.0", "--effort", "fast"],
+    "mixed 5.0 bits A8 default": ["--budget", "5.0"],
+}
+
+
+def _zeroquant(args: list[str], cache: Path) -> tuple[dict, float, float]:
+    """One command's JSON result, wall seconds and peak resident GiB."""
+    start = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", str(ZEROQUANT), *args, "--json"], capture_output=True, text=True,
+                          env={"ZEROQUANT_CACHE": str(cache), "PATH": "/usr/bin:/bin"})
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"`zeroquant {' '.join(args)}` failed: {done.stderr[-2000:]}")
+    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    return json.loads(done.stdout), seconds, rss_kib / 2**20
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="zoo:efficientnet_lite0")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--output", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+    zoo = args.model.removeprefix("zoo:")
+    run = provenance()
+    store = args.output / "effort.json"
+    kept = json.loads(store.read_text()) if store.exists() else {"rows": []}
+    rows = {r["variant"]: r for r in kept["rows"] if r["model"] == args.model}
+    with tempfile.TemporaryDirectory() as folder:
+        work, cache = Path(folder), Path(folder) / "cache"
+        fp32 = work / "fp32.onnx"
+        distilled, _, _ = _zeroquant(["quantize", args.model, "-o", str(work / "w8a8.onnx"), "--float-output",
+                                      str(fp32)], cache)
+        distill_s = distilled["timings"]["distill"]
+        reference, _, _ = _zeroquant(["eval", str(fp32), "--zoo", zoo], cache)
+        for name in args.variants.split(","):
+            _, seconds, peak = _zeroquant(["quantize", args.model, *VARIANTS[name], "-o", str(work / "q.onnx")],
+                                               cache)
+            scored, _, _ = _zeroquant(["eval", str(work / "q.onnx"), "--zoo", zoo, "--reference", str(fp32)], cache)
+            rows[name] = {"model": args.model, "variant": name, "command": f"zeroquant quantize {args.model} "
+                          + " ".join(VARIANTS[name]), "top1": scored["top1"], "fp32_top1": reference["top1"],
+                          "agreement": scored["agreement"], "images": scored["n"],
+                          "minutes": (seconds + distill_s) / 60, "distill_s": distill_s, "peak_rss_gib": peak,
+                          "run": {"date": run["date"], "zeroquant": run["versions"]["zeroquant"],
+                                  "load_average": run["machine"]["load_average"]}}
+    ordered = [rows[n] for n in VARIANTS if n in rows]
+    lines = ["## Effort ladder: accuracy against minutes of the low-bit commands", "", *provenance_lines(run), "",
+             f"`zeroquant quantize {args.model} ...` under GNU time, scored by `zeroquant eval --zoo {zoo} "
+             "--reference fp32.onnx`; minutes include distillation (run once into an empty cache, its seconds "
+             "added to each row). Rows not re-run this time keep their own date and commit.", "",
+             "| variant | command | top-1 % | Δ FP32 | agreement % | minutes | peak RSS GiB | run |",
+             "|---|---|--:|--:|--:|--:|--:|---|"]
+    lines += [f"| {r['variant']} | `{r['command']}` | {r['top1']:.2f} | {r['top1'] - r['fp32_top1']:+.2f} | "
+              f"{r['agreement']:.2f} | {r['minutes']:.1f} | {r['peak_rss_gib']:.2f} | "
+              f"{r['run']['date'][:16]} {r['run']['zeroquant']} |" for r in ordered]
+    args.output.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps({"run": run, "rows": ordered + [r for r in kept["rows"]
+                                                                if r["model"] != args.model]}, indent=1) + "\n")
+    write_section(args.output / "RESULTS.md", "effort", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

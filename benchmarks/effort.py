@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results_file import provenance, provenance_lines, write_section  # noqa: E402  (a sibling script)
+from timed_cli import run_zeroquant  # noqa: E402
 
-ZEROQUANT = Path(sys.executable).with_name("zeroquant")
 VARIANTS = {
     "W4A8 calibration only": ["--wbits", "4", "--reconstruct", "off"],
     "W4A8 fast": ["--wbits", "4", "--effort", "fast"],
@@ -30,18 +27,6 @@ VARIANTS = {
     "mixed 5.0 bits A8 fast": ["--budget", "5.0", "--effort", "fast"],
     "mixed 5.0 bits A8 default": ["--budget", "5.0"],
 }
-
-
-def _zeroquant(args: list[str], cache: Path) -> tuple[dict, float, float]:
-    """One command's JSON result, wall seconds and peak resident GiB."""
-    start = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-v", str(ZEROQUANT), *args, "--json"], capture_output=True, text=True,
-                          env={"ZEROQUANT_CACHE": str(cache), "PATH": "/usr/bin:/bin"})
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"`zeroquant {' '.join(args)}` failed: {done.stderr[-2000:]}")
-    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    return json.loads(done.stdout), seconds, rss_kib / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,14 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         work, cache = Path(folder), Path(folder) / "cache"
         fp32 = work / "fp32.onnx"
-        distilled, _, distill_peak = _zeroquant(["quantize", args.model, "-o", str(work / "w8a8.onnx"),
+        distilled, _, distill_peak = run_zeroquant(["quantize", args.model, "-o", str(work / "w8a8.onnx"),
                                                  "--float-output", str(fp32)], cache)
         distill_s = distilled["timings"]["distill"]
-        reference, _, _ = _zeroquant(["eval", str(fp32), "--zoo", zoo], cache)
+        reference, _, _ = run_zeroquant(["eval", str(fp32), "--zoo", zoo], cache)
         for name in args.variants.split(","):
-            _, seconds, peak = _zeroquant(["quantize", args.model, *VARIANTS[name], "-o", str(work / "q.onnx")],
+            _, seconds, peak = run_zeroquant(["quantize", args.model, *VARIANTS[name], "-o", str(work / "q.onnx")],
                                                cache)
-            scored, _, _ = _zeroquant(["eval", str(work / "q.onnx"), "--zoo", zoo, "--reference", str(fp32)], cache)
+            scored, _, _ = run_zeroquant(["eval", str(work / "q.onnx"), "--zoo", zoo, "--reference", str(fp32)], cache)
             rows[name] = {"model": args.model, "variant": name, "command": f"zeroquant quantize {args.model} "
                           + " ".join(VARIANTS[name]), "top1": scored["top1"], "fp32_top1": reference["top1"],
                           "agreement": scored["agreement"], "images": scored["n"],

@@ -8,34 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results_file import provenance, provenance_lines, write_section  # noqa: E402  (a sibling script)
-
-ZEROQUANT = Path(sys.executable).with_name("zeroquant")
+from timed_cli import run_zeroquant  # noqa: E402
 
 
 def peak(size: int) -> dict:
     """One default quantize of zoo:efficientnet_lite0 at size x size, distilled from scratch (an empty cache)."""
     with tempfile.TemporaryDirectory() as folder:
-        command = ["/usr/bin/time", "-v", str(ZEROQUANT), "quantize", "zoo:efficientnet_lite0", "--input-shape",
-                   f"3,{size},{size}", "-o", f"{folder}/m.onnx", "--json"]
-        start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env={"ZEROQUANT_CACHE": f"{folder}/cache",
-                                                                           "PATH": "/usr/bin:/bin"})
-        seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"quantize at {size} px failed: {done.stderr[-2000:]}")
-    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    report = json.loads(done.stdout)
-    return {"size": size, "peak_rss_gib": round(rss_kib / 2**20, 3), "wall_s": round(seconds, 1),
+        report, seconds, peak_gib = run_zeroquant(["quantize", "zoo:efficientnet_lite0", "--input-shape",
+                                                   f"3,{size},{size}", "-o", f"{folder}/m.onnx"], f"{folder}/cache")
+    return {"size": size, "peak_rss_gib": round(peak_gib, 3), "wall_s": round(seconds, 1),
             "distill_s": report["timings"]["distill"], "parity_agreement": report["parity"]["top1_agreement"]}
 
 

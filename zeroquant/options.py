@@ -66,6 +66,9 @@ class QuantizeOptions:
     equalize: bool = option(False, "Cross-layer equalization of conv -> ReLU -> conv chains (exact; off by default, "
                                    "see the ablation).")
     pack_int4: bool = option(False, "Store weights of <= 4 bits as INT4 (smaller file).")
+    pad_channels: bool = option(True, "Widen narrow activations to a multiple of 16 channels and the image to 4 "
+                                      "with zero channels, where onnxruntime's integer convs are up to 3x faster "
+                                      "(exact; --no-pad-channels keeps the model's widths).")
 
     @classmethod
     def of(cls, options: QuantizeOptions | None = None, **values) -> QuantizeOptions:

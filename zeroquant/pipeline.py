@@ -24,7 +24,9 @@ from zeroquant.distributed import Workers, current
 from zeroquant.errors import UsageError, VerificationError
 from zeroquant.evaluate.inspect import quant_report
 from zeroquant.export import verify
+from zeroquant.export.channel_padding import pad_channels, pad_image_channels
 from zeroquant.export.int4 import pack_int4
+from zeroquant.export.multiplier_convs import repeat_multiplier_convs
 from zeroquant.export.integer_model import integer_model
 from zeroquant.export.onnx_export import to_onnx
 from zeroquant.files import check_writable, write_all
@@ -41,7 +43,8 @@ from zeroquant.quant.plan import first_and_last, keep_depthwise, keep_first_last
 from zeroquant.quant.reconstruct import reconstruct
 from zeroquant.quant.sim import QuantSim, build_quantsim
 from zeroquant.report import (LayerReport, QuantizeReport, QuantizeResult, depthwise_note, equalize_note,
-                              first_last_note, float_op_notes, input_range_note, int4_note, unfolded_bn_note)
+                              first_last_note, float_op_notes, input_range_note, int4_note, multiplier_note,
+                              padding_note, unfolded_bn_note)
 from zeroquant.search import measure, search
 from zeroquant.search.pareto import choose, spread, uniform_points
 from zeroquant.search.result import ParetoResult, pareto_data
@@ -288,6 +291,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     lap = stopwatch(timings)
     with job.progress.stage("export"):
         model = to_onnx(integer_model(sim), job.shape, job.captured.output_names)
+        repeated = repeat_multiplier_convs(model)
+        padded = (pad_channels(model), pad_image_channels(model)) if options.pad_channels else (0, 0)
         low = {f"{name}.weight" for name, layer in sim.layers.items() if options.pack_int4 and layer.bits <= 4}
         packed = pack_int4(model, low) if low else 0
         onnx.helper.set_model_props(model, {WEIGHT_GRID: options.weight_grid(), "zeroquant.target_cpu":
@@ -308,6 +313,10 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     data = model.SerializeToString()
     float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
     notes = list(prepared.notes)
+    if repeated:
+        notes.append(multiplier_note(repeated))
+    if any(padded):
+        notes.append(padding_note(*padded))
     if packed:
         notes.append(int4_note(packed))
     notes.append(options.weight_grid_note())

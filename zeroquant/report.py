@@ -93,6 +93,20 @@ def depthwise_note(count: int, bits: int) -> str:
             "(--keep-depthwise 0 quantizes them like the rest)")
 
 
+def multiplier_note(count: int) -> str:
+    return (f"{count} grouped conv(s) with a channel multiplier run as depthwise convs over repeated input channels, "
+            "onnxruntime's fast kernel (exact; its generic grouped path measured up to 30x slower)")
+
+
+def padding_note(groups: int, image_channels: int) -> str:
+    """Channel padding (export/channel_padding.py) in the user's words."""
+    widened = [f"{groups} group(s) of activations to a multiple of 16 channels"] if groups else []
+    if image_channels:
+        widened.append(f"the input image by {image_channels} channel(s) to a multiple of 4")
+    return (f"widened {' and '.join(widened)} with zero channels, where onnxruntime's integer convs run up to 3x "
+            "faster (exact: the outputs do not change)")
+
+
 def int4_note(count: int) -> str:
     return (f"{count} layer(s) store INT4 weights (--pack-int4), widened to int8 by a Cast that onnxruntime folds "
             "when it loads the file: they still run in integer kernels")

@@ -38,7 +38,9 @@ def flag(name: str, help: str | None = None):
     default = FIELDS[name].default
     if isinstance(default, tuple):
         default = ",".join(map(str, default))
-    return typer.Option(default, f"--{name.replace('_', '-')}", help=help or FIELDS[name].metadata["help"])
+    spelled = f"--{name.replace('_', '-')}"
+    names = [f"{spelled}/--no-{spelled[2:]}"] if default is True else [spelled]  # a flag that is on turns off
+    return typer.Option(default, *names, help=help or FIELDS[name].metadata["help"])
 
 
 LOADING = {"model": (str, MODEL), "arch": (str, ARCH), "weights": (str, WEIGHTS), "input_shape": (str, INPUT_SHAPE),

@@ -109,6 +109,30 @@ def test_narrow_channels_are_padded_exactly():
     assert np.array_equal(before, after), "zero channels change no output"
 
 
+def spatial_gate(reader_zero_point: int = 0) -> onnx.ModelProto:
+    """conv0: 8 -> 12, a one-channel sigmoid gate (conv1: 12 -> 1) broadcast over the 12 channels, conv2: 12 -> 8,
+    whose int8 weights have the given zero point."""
+    g = QdqGraph(8)
+    features = g.conv(g.requantize("input"), 8, 12)
+    gate = g.requantize(g.node("Sigmoid", [g.conv(features, 12, 1)]))
+    model = g.model(g.conv(g.requantize(g.node("Mul", [features, gate])), 12, 8))
+    for init in model.graph.initializer:
+        if init.name == "conv2.zero":
+            init.CopyFrom(numpy_helper.from_array(np.full(8, reader_zero_point, np.int8), init.name))
+    return model
+
+
+def test_a_spatial_gate_keeps_its_one_channel_and_odd_zero_points_block_padding():
+    x = np.random.default_rng(1).standard_normal((4, 8, 12, 12)).astype(np.float32)
+    for zero_point, groups in ((0, 1), (3, 0)):  # a nonzero weight zero point: a zero weight would not read 0
+        model, padded = spatial_gate(zero_point), spatial_gate(zero_point)
+        assert pad_channels(padded) == groups
+        onnx.checker.check_model(padded, full_check=True)
+        widths = conv_widths(padded)
+        assert widths["conv1.weight"] == (1, 1) and widths["conv0.weight"] == ((16, 1) if groups else (12, 1))
+        assert np.array_equal(run_all(session(model), x)[0], run_all(session(padded), x)[0])
+
+
 def stem(also_read: bool) -> onnx.ModelProto:
     """A colour image into a 3x3 stem conv (3 -> 16) and a pointwise conv back to 3; with `also_read`, a residual
     add reads the quantized image too."""

@@ -51,6 +51,8 @@ def pad_channels(model: onnx.ModelProto, multiple: int = MULTIPLE) -> int:
     """Pad in place every group of activations whose channel count is not a multiple of `multiple` and whose
     every reader and writer can take zero channels; returns how many groups were padded."""
     graph = model.graph
+    if has_subgraphs(graph):
+        return 0
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in shape_inference.infer_shapes(model).graph.value_info}
     inits = {init.name: init for init in graph.initializer}
@@ -92,6 +94,8 @@ def pad_channels(model: onnx.ModelProto, multiple: int = MULTIPLE) -> int:
                 blocked += [node.input[0], node.output[0]]
         elif node.op_type in PER_ELEMENT:
             output, width = node.output[0], channels(node.output[0])
+            if any(node.output[1:]):  # MaxPool's indices
+                blocked += list(node.input) + list(node.output)
             for name in [name for name in node.input if name]:
                 value = constant(name)
                 if value is not None:
@@ -99,7 +103,9 @@ def pad_channels(model: onnx.ModelProto, multiple: int = MULTIPLE) -> int:
                         blocked.append(output)
                 elif width is not None and channels(name) == width:
                     groups.join(name, output)
-                elif width is None or channels(name) != 1:  # 1: broadcast over channels, read at any width
+                elif width is not None and channels(name) == 1:
+                    blocked.append(name)  # broadcast over channels (a spatial gate): it keeps its one channel
+                else:
                     blocked += [name, output]
         else:
             blocked += [name for name in list(node.input) + list(node.output) if name]
@@ -123,9 +129,7 @@ def pad_channels(model: onnx.ModelProto, multiple: int = MULTIPLE) -> int:
         for conv in depthwise:
             if groups.find(conv.output[0]) == root:
                 _pad_conv(conv, producer, inits, uses, graph, extra, axis=0)
-                for attribute in conv.attribute:
-                    if attribute.name == "group":
-                        attribute.i = width + extra
+                set_group(conv, width + extra)
         for conv, name in readers:
             if groups.find(name) == root:
                 _pad_conv(conv, producer, inits, uses, graph, extra, axis=1)
@@ -142,7 +146,8 @@ def pad_image_channels(model: onnx.ModelProto, multiple: int = IMAGE_MULTIPLE) -
     on the uint8 tensor, and give the convs that read it zero weights for the new channels. Only where the input's
     QuantizeLinear -> DequantizeLinear feeds nothing but such convs; returns how many channels were added."""
     graph = model.graph
-    if len(graph.input) != 1:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if len(graph.input) != 1 or opset < 11 or has_subgraphs(graph):  # Pad takes its amounts as inputs from 11
         return 0
     dims = graph.input[0].type.tensor_type.shape.dim
     width = dims[1].dim_value if len(dims) == 4 and dims[1].HasField("dim_value") else 0
@@ -162,8 +167,10 @@ def pad_image_channels(model: onnx.ModelProto, multiple: int = IMAGE_MULTIPLE) -
     zero_point = inits.get(quantize.input[2]) if len(quantize.input) > 2 else None
     dequantizers = readers.get(quantize.output[0], [])
     convs = [conv for dq in dequantizers for conv in readers.get(dq.output[0], [])]
+    outputs = {v.name for v in graph.output}
     if zero_point is None or zero_point.dims or not dequantizers or \
-            any(dq.op_type != "DequantizeLinear" for dq in dequantizers) or \
+            any(dq.op_type != "DequantizeLinear" or dq.output[0] in outputs or
+                dq.input[1:3] != quantize.input[1:3] for dq in dequantizers) or \
             any(conv.op_type != "Conv" or conv.input[0] not in {dq.output[0] for dq in dequantizers} or
                 next((a.i for a in conv.attribute if a.name == "group"), 1) != 1 or
                 _integer_weight(conv, producer, inits, uses) is None for conv in convs):
@@ -181,6 +188,21 @@ def pad_image_channels(model: onnx.ModelProto, multiple: int = IMAGE_MULTIPLE) -
     del graph.node[:]
     graph.node.extend(nodes)
     return extra
+
+
+def has_subgraphs(graph: onnx.GraphProto) -> bool:
+    """Whether a node holds a subgraph (If, Loop, Scan), whose reads of outer tensors these rewrites do not see."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
+               for a in n.attribute)
+
+
+def set_group(conv: onnx.NodeProto, groups: int) -> None:
+    """Set a conv's group attribute, adding it where the conv relied on the default of 1."""
+    for attribute in conv.attribute:
+        if attribute.name == "group":
+            attribute.i = groups
+            return
+    conv.attribute.append(onnx.helper.make_attribute("group", groups))
 
 
 def _forget_shapes(graph: onnx.GraphProto, activations: set[str], convs: list, producer: dict) -> None:
@@ -202,10 +224,15 @@ def _integer_weight(conv: onnx.NodeProto, producer: dict, inits: dict, uses: dic
     weight = inits[dequantize.input[0]]
     if weight.data_type not in INTEGER_WEIGHTS or uses.get(weight.name, 0) != 1 or uses.get(conv.input[1]) != 1:
         return None
+    dequantizers = [dequantize]
     if len(conv.input) > 2 and conv.input[2]:
         bias = producer.get(conv.input[2])
-        if bias is None or bias.op_type != "DequantizeLinear" or bias.input[0] not in inits or \
-                uses.get(conv.input[2]) != 1:
+        if bias is None or bias.op_type != "DequantizeLinear" or uses.get(conv.input[2]) != 1:
+            return None
+        dequantizers.append(bias)
+    for node in dequantizers:  # all initializers, and zero points of 0, so that a zero weight is a 0
+        if any(name and name not in inits for name in node.input) or \
+                (len(node.input) > 2 and node.input[2] and numpy_helper.to_array(inits[node.input[2]]).any()):
             return None
     return weight
 

@@ -14,11 +14,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from zeroquant.export.channel_padding import has_subgraphs, set_group
+
 
 def repeat_multiplier_convs(model: onnx.ModelProto) -> int:
     """Rewrite in place every Conv whose input is a DequantizeLinear of a uint8 tensor, with groups = input
     channels and k x as many outputs (k > 1); returns how many."""
     graph = model.graph
+    if has_subgraphs(graph):
+        return 0
+    inits = {init.name: init for init in graph.initializer}
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in shape_inference.infer_shapes(model).graph.value_info}
     producer = {out: node for node in graph.node for out in node.output}
@@ -28,7 +33,7 @@ def repeat_multiplier_convs(model: onnx.ModelProto) -> int:
             readers[name] = readers.get(name, 0) + 1
     rebuilt, dropped, count = [], set(), 0
     for node in graph.node:
-        if node.op_type == "Conv" and (dequantize := _quantized_input(node, producer, shapes)) is not None:
+        if node.op_type == "Conv" and (dequantize := _quantized_input(node, producer, shapes, inits)) is not None:
             if readers[node.input[0]] == 1:
                 dropped.add(id(dequantize))  # the conv was its only reader
             nodes, constants = _repeat(node, dequantize, shapes)
@@ -42,15 +47,17 @@ def repeat_multiplier_convs(model: onnx.ModelProto) -> int:
     return count
 
 
-def _quantized_input(conv: onnx.NodeProto, producer: dict, shapes: dict) -> onnx.NodeProto | None:
-    """The DequantizeLinear feeding a multiplier conv (groups = input channels, k > 1 outputs each), else None."""
+def _quantized_input(conv: onnx.NodeProto, producer: dict, shapes: dict, inits: dict) -> onnx.NodeProto | None:
+    """The per-tensor DequantizeLinear feeding a multiplier conv (groups = input channels, k > 1 outputs each),
+    else None."""
     group = next((a.i for a in conv.attribute if a.name == "group"), 1)
     dequantize = producer.get(conv.input[0])
     x, y = shapes.get(conv.input[0]), shapes.get(conv.output[0])
     if dequantize is None or dequantize.op_type != "DequantizeLinear" or x is None or y is None or len(x) != 4 or \
-            None in x[1:] or y[1] is None:
+            None in x[1:] or y[1] is None or dequantize.input[1] not in inits or \
+            numpy_helper.to_array(inits[dequantize.input[1]]).size != 1:
         return None
-    return dequantize if group == x[1] and y[1] > x[1] and y[1] % x[1] == 0 else None
+    return dequantize if group == x[1] > 1 and y[1] > x[1] and y[1] % x[1] == 0 else None
 
 
 def _repeat(conv: onnx.NodeProto, dequantize: onnx.NodeProto, shapes: dict):
@@ -68,7 +75,5 @@ def _repeat(conv: onnx.NodeProto, dequantize: onnx.NodeProto, shapes: dict):
              helper.make_node("DequantizeLinear", [f"{tag}_repeated", *dequantize.input[1:]], [f"{tag}_input"])]
     nodes[-1].attribute.extend(dequantize.attribute)
     conv.input[0] = f"{tag}_input"
-    for attribute in conv.attribute:
-        if attribute.name == "group":
-            attribute.i = outputs
+    set_group(conv, outputs)
     return nodes, constants

@@ -161,6 +161,43 @@ def test_hardswish_export_equals_the_simulation():
     assert result.report.parity["relative_max_diff"] < 0.02 and result.report.parity["top1_agreement"] == 100
 
 
+class TwoSwishes(nn.Module):
+    """Two hardswish activations: one over a conv whose outputs reach far below -3, one whose outputs stay within
+    +-0.3 (all in hardsigmoid's linear part)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish())
+        self.narrow = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Hardswish())
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.narrow(self.wide(x)))
+
+
+def _gate_ops(path) -> dict[str, int]:
+    """How the file writes its hardsigmoids: Clips of a uint8 tensor (the gate on the input's grid) and Adds."""
+    graph = onnx.load(path).graph
+    return {op: sum(n.op_type == op for n in graph.node) for op in ("Clip", "Add", "HardSigmoid")}
+
+
+@pytest.mark.parametrize("low_bit", [False, True])
+def test_a_hardswish_whose_input_reaches_minus_three_gates_with_a_clip(tmp_path, low_bit):
+    """Where x's grid reaches -3, hardsigmoid(x) is x's uint8 tensor clipped to [-3, 3] and read with a sixth of the
+    scale (onnxruntime: one Clip, half the time of a QLinearAdd); x's step is anchored so that -3 lies on the grid,
+    also after reconstruction learns it. A tensor within +-0.3 keeps its resolution and its QLinearAdd."""
+    torch.manual_seed(0)
+    model = populated(TwoSwishes(), (3, 16, 16))
+    model.wide[1].running_var.mul_(1e-2)  # ten times the spread: far beyond +-3
+    model.narrow[1].running_var.mul_(1e4)  # a hundredth of it: within +-0.3
+    options = dict(wbits=4, reconstruct="on", effort="fast") if low_bit else {}
+    result = zeroquant.quantize(model, tmp_path / "s.onnx", input_shape=(3, 16, 16), **FAST, **options)
+    assert _gate_ops(tmp_path / "s.onnx") == {"Clip": 1, "Add": 1, "HardSigmoid": 0}
+    report = result.report
+    assert report.census["float_ops"] == {} and report.census["integer_mac_fraction"] == 1.0
+    assert report.parity["relative_max_diff"] < 0.02 and report.parity["top1_agreement"] == 100, report.parity
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x0_5", "efficientnet_b0", "densenet121"])
 def test_torchvision_families_quantize_to_integer_kernels(name, tmp_path):
     """The fast subset of benchmarks/coverage.py: random weights, populated BN statistics, 64 px."""

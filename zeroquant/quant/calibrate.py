@@ -47,7 +47,7 @@ def calibrate(sim: QuantSim, images: torch.Tensor, method: str = "mse", batch_si
         quantizer.set_range(*bounds)
     for name, layer in sim.layers.items():
         feeding = sim.layer_inputs.get(name)
-        layer.input_scale = sim.activations[feeding].scale if feeding else None
+        layer.input_scale = sim.activations[feeding].grid()[0] if feeding else None
         layer.set_weight_scale(symmetric_scales(layer.channel_absmax(), layer.qmax))
     sim.set_enabled(weights=True, activations=True)
     return chosen

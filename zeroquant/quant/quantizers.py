@@ -53,7 +53,8 @@ class ActivationQuantizer(nn.Module):
         self.learned_scale: nn.Parameter | None = None
         self.drop_prob = 0.0
         self.generator: torch.Generator | None = None  # QDrop's draws: seeded by the caller, never the global RNG
-        # a value the grid must hold exactly: 0.5 after a hardsigmoid, its value wherever its input is 0 (see anchored)
+        # a value the grid must hold exactly, inside its range (see anchored): -3 where a hardsigmoid reads the tensor,
+        # 0.5 after a hardsigmoid of a float tensor
         self.on_grid: float | None = None
 
     def start_learning(self, drop_prob: float, generator: torch.Generator) -> nn.Parameter:
@@ -68,20 +69,32 @@ class ActivationQuantizer(nn.Module):
     def set_range(self, low: float, high: float) -> None:
         scale, self.zero_point = activation_qparams(low, high, self.bits)
         self.scale = self.anchored(scale)
+        if self.scale != scale:  # coarser: the zero point that keeps `low` where it was
+            self.zero_point = int(min(max(round(-min(low, 0.0) / self.scale), 0), 2**self.bits - 1))
 
     def anchored(self, scale: float) -> float:
-        """The next coarser scale whose grid (zero point 0) holds `on_grid` exactly. On [0, 1] / 255, 0.5 lies half
-        way between 127 and 128: every input at its zero point is a rounding tie, which onnxruntime's QLinearAdd
-        and the simulation break in opposite directions, the same way on every element, so a hardsigmoid gate
-        differed by a step on whole channels (timm fbnetv3_b: 17 % of the logit range between file and simulation)."""
-        if self.on_grid is None or self.zero_point != 0 or scale > self.on_grid:
+        """The next coarser scale whose grid holds `on_grid` exactly, where the range already reaches it (a range is
+        never widened for it: a tensor within +-0.1 would lose 30x its resolution to reach -3).
+
+        A hardsigmoid reading a grid that holds -3 is a Clip of its uint8 tensor to the steps from -3 to 3, read
+        with a sixth of the scale (GateQuantizer); without -3 on the grid it is a requantization (QLinearAdd).
+        On [0, 1] / 255, 0.5 lies half way between 127 and 128: every input at its zero point is a rounding tie,
+        which onnxruntime and the simulation can break in opposite directions on every element (timm fbnetv3_b:
+        17 % of the logit range between file and simulation)."""
+        if self.on_grid is None:
             return scale
-        return self.on_grid / math.floor(self.on_grid / scale)
+        steps = math.floor(abs(self.on_grid) / scale)
+        room = self.zero_point if self.on_grid < 0 else 2**self.bits - 1 - self.zero_point
+        return abs(self.on_grid) / steps if 1 <= steps <= room else scale
+
+    def grid(self) -> tuple[float, int]:
+        """The scale and zero point its values are read on (a GateQuantizer's may be another quantizer's)."""
+        return self.scale, self.zero_point
 
     @property
     def range(self) -> tuple[float, float]:
-        levels = 2**self.bits - 1
-        return (-self.zero_point * self.scale, (levels - self.zero_point) * self.scale)
+        scale, zero_point = self.grid()
+        return (-zero_point * scale, (2**self.bits - 1 - zero_point) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
@@ -99,6 +112,44 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scale={self.scale:.6g}, zero_point={self.zero_point}, enabled={self.enabled}"
+
+
+def steps_to_three(quantizer: ActivationQuantizer) -> int | None:
+    """k with 3 = k x scale where the quantizer's grid holds -3 within its range (zero point >= k); None otherwise."""
+    scale, zero_point = quantizer.grid()
+    steps = round(3 / scale)
+    exact = steps >= 1 and abs(steps * scale - 3) <= 3e-6
+    return steps if exact and steps <= zero_point else None
+
+
+class GateQuantizer(ActivationQuantizer):
+    """The quantizer after hardsigmoid(x) of a quantized x. Where x's grid (scale s, zero point z) holds -3 = -k s,
+    the gate's values clamp(x + 3, 0, 6) / 6 already lie on the grid s / 6 with zero point z - k: that is the grid
+    it reads on (`grid`), so quantizing changes nothing and the export writes the gate as a Clip of x's uint8
+    tensor. Otherwise (x's range ends above -3, or a step above 3) it reads on its own calibrated grid, which
+    `scale` and `zero_point` always hold, as calibration and reconstruction set them."""
+
+    def __init__(self, source: ActivationQuantizer, bits: int = 8):
+        super().__init__(bits)
+        self.sources = [source]  # in a list: the source is not a child module of this one
+
+    def tied(self) -> tuple[float, int] | None:
+        source = self.sources[0]
+        steps = steps_to_three(source) if source.learned_scale is None else None
+        return None if steps is None else (source.grid()[0] / 6, source.grid()[1] - steps)
+
+    def grid(self) -> tuple[float, int]:
+        return self.tied() or (self.scale, self.zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.observer is not None:
+            return super().forward(x)
+        if self.sources[0].learned_scale is not None:
+            return x  # the source's step is being learned: the gate is exact on whatever grid it takes
+        tied = self.tied()
+        if tied is None:
+            return super().forward(x)  # its own grid, fixed or being learned
+        return torch.fake_quantize_per_tensor_affine(x, *tied, 0, 2**self.bits - 1)
 
 
 class QuantizedLayer(nn.Module):

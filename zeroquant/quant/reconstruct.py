@@ -129,7 +129,7 @@ def reconstruct(sim: QuantSim, images: torch.Tensor, effort: str = "default", se
     _cap_to_clamps(sim)
     for name, layer in sim.layers.items():  # step sizes moved: biases follow their inputs' new scales
         feeding = sim.layer_inputs.get(name)
-        layer.input_scale = sim.activations[feeding].scale if feeding else None
+        layer.input_scale = sim.activations[feeding].grid()[0] if feeding else None
         layer.refresh_bias()
     return summary
 

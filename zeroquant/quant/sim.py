@@ -17,7 +17,7 @@ import torch
 
 from zeroquant.graph.ops import (Role, aten, attribute_value, is_float_tensor, is_relu_like, layer_name,
                                  passthrough_source, relu_upper_bound, role)
-from zeroquant.quant.quantizers import ActivationQuantizer, QuantizedLayer
+from zeroquant.quant.quantizers import ActivationQuantizer, GateQuantizer, QuantizedLayer
 from zeroquant.quant.ranges import ChannelGaussians
 
 FUSABLE_PRODUCERS = {aten.add.Tensor, aten.add_.Tensor}
@@ -89,7 +89,7 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
     layer_inputs: dict[str, str] = {}
     taken: set[str] = {name for name, _ in gm.named_children()}
 
-    def quantize_output(node: torch.fx.Node, shared: str | None = None) -> None:
+    def quantize_output(node: torch.fx.Node, shared: str | None = None, gate_of: str | None = None) -> None:
         if _only_feeds_outputs(node) and not _is_conv(node, layers):
             return  # a model output stays float (a classifier's QGemm writes float logits); onnxruntime has no conv
             # kernel with a float output, so a conv's output map is quantized and dequantized like any other
@@ -99,7 +99,8 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
         if name is None:
             name = _module_name(f"aq_{node.name}", taken)
             taken.add(name)
-            activations[name] = ActivationQuantizer(activation_bits)
+            activations[name] = (ActivationQuantizer(activation_bits) if gate_of is None
+                                 else GateQuantizer(activations[gate_of], activation_bits))
             activations[name].prior = output_prior(node)
             if node.target == aten.hardsigmoid.default:
                 activations[name].on_grid = 0.5
@@ -135,6 +136,11 @@ def build_quantsim(folded: torch.fx.GraphModule, weight_bits: int = 8, activatio
             quantize_output(node, shared=input_quantizer(node))
         else:
             if node.target in FUSABLE_PRODUCERS and _fuses_activation(node):
+                continue
+            source = input_quantizer(node) if node.target == aten.hardsigmoid.default else None
+            if source is not None and activations[source].on_grid in (None, -3.0):
+                activations[source].on_grid = -3.0  # the gate's grid derives from it (GateQuantizer)
+                quantize_output(node, gate_of=source)
                 continue
             quantize_output(node)
     merged = _share_concat_quantizers(gm, activations, layer_inputs)
@@ -175,9 +181,18 @@ def _share_concat_quantizers(gm: torch.fx.GraphModule, activations: dict[str, Ac
             continue
         members = [t.target for t in node.args[0] if isinstance(t, torch.fx.Node) and t.target in activations]
         members += joined
+        if any(isinstance(activations[member], GateQuantizer) for member in members):
+            continue  # a hardsigmoid gate's grid is its input's: the concat requantizes instead
         for member in members[1:]:
             parent[find(member)] = find(members[0])
     merged = {name for name in activations if find(name) != name}
+    stands_for = {id(activations[name]): activations[find(name)] for name in merged}
+    for name in merged:  # the grid that stands for several must hold what one of them had to (a hardsigmoid's -3)
+        root = activations[find(name)]
+        root.on_grid = activations[name].on_grid if root.on_grid is None else root.on_grid
+    for gate in activations.values():
+        if isinstance(gate, GateQuantizer):
+            gate.sources[0] = stands_for.get(id(gate.sources[0]), gate.sources[0])
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in merged:
             node.target = find(node.target)

@@ -2,6 +2,7 @@
 MobileOne, RepGhost and FastViT, exact in float, and left alone wherever the sum is not one conv."""
 
 import onnx
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +11,7 @@ import zeroquant
 from tests.test_coverage import FAST, populated
 from zeroquant.graph.capture import capture
 from zeroquant.graph.decompose import for_quantization
-from zeroquant.graph.ops import aten
+from zeroquant.graph.ops import aten, uint8_step
 
 
 class RepMixer(nn.Module):
@@ -125,7 +126,8 @@ def test_arithmetic_that_leaves_its_input_is_dropped(tmp_path):
 
 class Pools(nn.Module):
     """ResNeSt's pools: 3x3 stride 2 with padding counted, 2x2 stride 2 with ceil_mode on an even size (no partial
-    window); and two that are not a conv: padding not counted, and a partial window from ceil_mode."""
+    window); EfficientFormer's, padding not counted (a conv times a count factor); and a partial window from
+    ceil_mode, which is not a conv."""
 
     def __init__(self):
         super().__init__()
@@ -141,14 +143,25 @@ class Pools(nn.Module):
 
 
 def test_average_pools_that_equal_a_depthwise_conv_become_one(tmp_path):
-    """onnxruntime's QLinearAveragePool measured 12x slower than the int8 depthwise conv computing the same pool."""
+    """onnxruntime's QLinearAveragePool measured 12x slower than the int8 depthwise conv computing the same pool
+    (4x with the count factor's QLinearMul after it)."""
     model = populated(Pools(), (3, 16, 16))
     folded, _ = for_quantization(capture(model, (3, 16, 16)).graph_module)
     ops = _ops(folded)
-    assert ops[aten.avg_pool2d.default] == 2 and ops[aten.conv2d.default] == 1 + 2, ops
+    assert ops[aten.avg_pool2d.default] == 1 and ops[aten.conv2d.default] == 1 + 3, ops
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(folded(x), model(x), atol=1e-5)
+        assert torch.allclose(folded(x), model(x), atol=1e-5)  # 3x3 count factors 1, 1.5, 2.25: exact quarters
     result = zeroquant.quantize(model, tmp_path / "p.onnx", input_shape=(3, 16, 16), **FAST)
-    ops = result.report.census["op_counts"]
-    assert (ops["QLinearConv"], ops["QLinearAveragePool"]) == (3, 2), ops
+    census = result.report.census
+    ops = census["op_counts"]
+    assert (ops["QLinearConv"], ops["QLinearAveragePool"]) == (4, 1) and ops["QLinearMul"] >= 1, ops
+    assert census["float_ops"] == {}, census  # the count factor is a uint8 constant: QLinearMul, no float Mul
+
+
+def test_a_constant_is_read_as_uint8_only_where_a_grid_holds_it_exactly():
+    """A layer scale of 1e-5 is not 0 steps of 1; 3x3 count factors are quarters; 25 / 9 needs ninths."""
+    assert uint8_step(torch.full((4,), 1e-5)) is None and uint8_step(torch.tensor([-1.0, 1.0])) is None
+    assert uint8_step(torch.tensor([1.0, 1.5, 2.25])) == 0.25
+    assert uint8_step(torch.tensor([25 / 9, 1.0])) == pytest.approx(1 / 9)
+    assert uint8_step(torch.tensor([300.0])) is None

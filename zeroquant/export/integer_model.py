@@ -22,7 +22,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.graph.ops import COMMUTATIVE, aten, constant_value, relu_upper_bound
+from zeroquant.graph.ops import COMMUTATIVE, aten, constant_value, relu_upper_bound, uint8_step
 from zeroquant.quant.quantizers import INT32_MAX, ActivationQuantizer, GateQuantizer, QuantizedLayer, steps_to_three
 from zeroquant.quant.sim import QuantSim, clamp_quantizers
 
@@ -84,6 +84,19 @@ class QuantizedConstant(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return qd.dequantize_per_tensor(self.q, self.scale, self.zero_point, 0, 255, torch.uint8)
+
+
+class QuantizedTensorConstant(nn.Module):
+    """A constant tensor whose values a uint8 grid (zero point 0) holds exactly, read through DequantizeLinear, so
+    that onnxruntime fuses the op reading it (a pool's count factor in QLinearMul)."""
+
+    def __init__(self, value: torch.Tensor, step: float):
+        super().__init__()
+        self.scale = step
+        self.register_buffer("q", (value.double() / step).round().to(torch.uint8))
+
+    def forward(self) -> torch.Tensor:
+        return qd.dequantize_per_tensor(self.q, self.scale, 0, 0, 255, torch.uint8)
 
 
 class IntegerLayer(nn.Module):
@@ -195,6 +208,21 @@ def _scalar_constant(gm: torch.fx.GraphModule, arg) -> float | None:
     return value
 
 
+def _grid_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """x * C for a float tensor constant C on a uint8 grid: C read through DequantizeLinear."""
+    for index, arg in enumerate(node.args[:2]):
+        value = constant_value(gm, arg)
+        step = uint8_step(value) if isinstance(value, torch.Tensor) and value.numel() > 1 else None
+        if step is None:
+            continue
+        name = _module_name(gm, f"constant_{node.name}")
+        gm.add_submodule(name, QuantizedTensorConstant(value, step))
+        with gm.graph.inserting_before(node):
+            constant = gm.graph.call_module(name, ())
+        node.args = tuple(constant if i == index else a for i, a in enumerate(node.args))
+        return
+
+
 def _quantized_constants(gm: torch.fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SCALAR_OPS or len(node.args) != 2 or node.kwargs:
@@ -202,6 +230,8 @@ def _quantized_constants(gm: torch.fx.GraphModule) -> None:
         tensor, value = node.args[0], _scalar_constant(gm, node.args[1])
         if value is None and node.target in COMMUTATIVE:  # c * x, c + x
             tensor, value = node.args[1], _scalar_constant(gm, node.args[0])
+        if value is None and node.target in (aten.mul.Tensor, aten.mul_.Tensor):
+            _grid_constant(gm, node)
         if value is None or not isinstance(tensor, torch.fx.Node) or _scalar_constant(gm, tensor) is not None:
             continue
         target, convert = SCALAR_OPS[node.target]

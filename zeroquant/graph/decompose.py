@@ -11,10 +11,11 @@ built (each measured against the float op it replaces; see benchmarks/RESULTS.md
   MatMulIntegerToFloat (the softmax reads float, see quant/sim.py), attention x V as QLinearMatMul, the scale as
   QLinearMul (timm's attention blocks call it, e.g. MobileViT's; on mobilevit_xxs the products took 1.17 ms against
   1.38 ms in float).
-- avg_pool2d -> a depthwise conv with weights 1 / (kh * kw), where that is exact (no padding or padding counted, no
-  divisor override, no partial window from ceil_mode): onnxruntime's QLinearAveragePool took 0.98 ms for a 3x3
-  stride-2 pool of 128 x 56 x 56 uint8, the int8 depthwise conv 0.078 ms (float AveragePool 0.084 ms); the weights
-  are all equal, so they sit on the grid at any bit width.
+- avg_pool2d -> a depthwise conv with weights 1 / (kh * kw) (no divisor override, no partial window from ceil_mode):
+  onnxruntime's QLinearAveragePool took 0.98 ms for a 3x3 stride-2 pool of 128 x 56 x 56 uint8, the int8 depthwise
+  conv 0.078 ms (float AveragePool 0.084 ms); the weights are all equal, so they sit on the grid at any bit width.
+  A pool that does not count its padding (EfficientFormer's token mixer) is that conv times a constant map of
+  kh kw / count (QLinearMul): 0.25 ms against 0.97 ms for 48 x 56 x 56 between two 1x1 convs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch._guards import detect_fake_mode
 from zeroquant.graph.batchnorm import fold_batchnorm
 from zeroquant.graph.branches import merge_branches
 from zeroquant.graph.constants import drop_identity_arithmetic
-from zeroquant.graph.ops import is_float_tensor, pair, register_parameter
+from zeroquant.graph.ops import is_float_tensor, pair, register_parameter, uint8_step
 
 aten = torch.ops.aten
 
@@ -112,7 +113,7 @@ def _pools_as_convs(graph_module: torch.fx.GraphModule) -> int:
         kernel = pair(kernel)
         stride, padding = pair(stride or kernel), pair(padding)
         if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)) or before.dim() != 4 or \
-                node.kwargs or divisor is not None or (any(padding) and not count_include_pad):
+                node.kwargs or divisor is not None:
             continue
         floor = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(before.shape[2:], kernel, stride, padding)]
         if ceil_mode and list(after.shape[2:]) != floor:
@@ -125,14 +126,31 @@ def _pools_as_convs(graph_module: torch.fx.GraphModule) -> int:
             bias_node = register_parameter(graph_module, f"{node.name}_bias", weight.new_zeros(channels))
             conv = graph.call_function(aten.conv2d.default, (source, weight_node, bias_node, list(stride),
                                                              list(padding), [1, 1], channels))
-        conv.meta = dict(node.meta)
-        node.replace_all_uses_with(conv)
+            pooled = conv
+            if any(padding) and not count_include_pad:
+                factor = _count_factor(before, kernel, stride, padding, after.shape[2:])
+                pooled = graph.call_function(aten.mul.Tensor, (conv, register_parameter(
+                    graph_module, f"{node.name}_count_factor", factor)))
+        conv.meta, pooled.meta = dict(node.meta), dict(node.meta)  # the pool's shape, both
+        node.replace_all_uses_with(pooled)
         graph.erase_node(node)
         count += 1
     if count:
         graph.lint()
         graph_module.recompile()
     return count
+
+
+def _count_factor(before: torch.Tensor, kernel, stride, padding, size) -> torch.Tensor:
+    """kh kw / (the window's elements inside the image) per output position, [1, 1, H, W]: what turns a pool that
+    counts the padding into one that does not, held on a uint8 grid so that the export writes it as a uint8
+    constant and onnxruntime multiplies in QLinearMul. Exact where a grid 1 / m holds every value (3x3: 1, 1.5 and
+    2.25 are 4, 6 and 9 quarters); otherwise rounded to the grid max / 255 (within 0.5 %), in the simulation too."""
+    ones = torch.ones(1, 1, *before.shape[2:], dtype=torch.float64)
+    counts = torch.nn.functional.avg_pool2d(ones, kernel, stride, padding, count_include_pad=False, divisor_override=1)
+    factor = (kernel[0] * kernel[1]) / counts[..., :size[0], :size[1]]
+    step = uint8_step(factor) or float(factor.max()) / 255
+    return ((factor / step).round() * step).to(before.dtype)
 
 
 def for_quantization(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:

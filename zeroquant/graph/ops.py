@@ -123,6 +123,20 @@ def register_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor)
     return gm.graph.get_attr(attr)
 
 
+def uint8_step(values: torch.Tensor) -> float | None:
+    """The coarsest step 1 / m of a uint8 grid (zero point 0) holding every one of these non-negative values exactly;
+    None where none does."""
+    if values.numel() == 0 or not values.is_floating_point() or bool((values < 0).any()):
+        return None
+    values, top = values.double(), float(values.max())
+    for m in range(1, 256):
+        if top * m > 255 + 1e-6:
+            return None
+        if bool(((values * m).round() / m - values).abs().le(1e-6 * values).all()):  # relative: 1e-5 is not 0
+            return 1.0 / m
+    return None
+
+
 def pair(value) -> tuple[int, int]:
     """A conv or pool argument (an int, or a list of one or two) as (height, width)."""
     values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]

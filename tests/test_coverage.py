@@ -195,7 +195,8 @@ def test_a_hardswish_whose_input_reaches_minus_three_gates_with_a_clip(tmp_path,
     assert _gate_ops(tmp_path / "s.onnx") == {"Clip": 1, "Add": 1, "HardSigmoid": 0}
     report = result.report
     assert report.census["float_ops"] == {} and report.census["integer_mac_fraction"] == 1.0
-    assert report.parity["relative_max_diff"] < 0.02 and report.parity["top1_agreement"] == 100, report.parity
+    # the gate is exact, so the file equals the simulation (a gate read with s / 5 instead of s / 6 gives 0.004)
+    assert report.parity["relative_max_diff"] < 1e-3 and report.parity["top1_agreement"] == 100, report.parity
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x0_5", "efficientnet_b0", "densenet121"])

@@ -22,7 +22,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from zeroquant.graph.ops import COMMUTATIVE, aten, constant_value, relu_upper_bound, uint8_step
+from zeroquant.graph.ops import COMMUTATIVE, aten, constant_value, free_attribute, relu_upper_bound, uint8_step
 from zeroquant.quant.quantizers import INT32_MAX, ActivationQuantizer, GateQuantizer, QuantizedLayer, steps_to_three
 from zeroquant.quant.sim import QuantSim, clamp_quantizers
 
@@ -152,7 +152,7 @@ def integer_model(sim: QuantSim) -> torch.fx.GraphModule:
 
 def _own_module(gm: torch.fx.GraphModule, call: torch.fx.Node, module: nn.Module) -> None:
     """Give one call of a (possibly shared) quantizer a module of its own."""
-    name = _module_name(gm, f"{call.target}_at_{call.name}")
+    name = free_attribute(gm, f"{call.target}_at_{call.name}")
     gm.add_submodule(name, module)
     call.target = name
 
@@ -179,7 +179,7 @@ def _hardsigmoids(gm: torch.fx.GraphModule, sim: QuantSim) -> None:
         if quantizer is None or not quantizer.enabled:
             continue
         if isinstance(quantizer, GateQuantizer) and quantizer.tied() is not None:
-            name = _module_name(gm, f"gate_{node.name}")
+            name = free_attribute(gm, f"gate_{node.name}")
             gm.add_submodule(name, HardsigmoidGate(quantizer.sources[0]))
             node.op, node.target = "call_module", name
         elif quantizer.zero_point == 0:
@@ -190,13 +190,6 @@ def _hardsigmoids(gm: torch.fx.GraphModule, sim: QuantSim) -> None:
             gm.graph.erase_node(node)
             top = round(1 / quantizer.scale)  # hardsigmoid ends at 1: the grid may reach beyond
             _own_module(gm, users[0], QuantizeDequantize(quantizer, high=top, quantize_scale=6 * quantizer.scale))
-
-
-def _module_name(gm: torch.fx.GraphModule, base: str) -> str:
-    name, index = base, 0
-    while hasattr(gm, name):
-        name, index = f"{base}_{index}", index + 1
-    return name
 
 
 def _scalar_constant(gm: torch.fx.GraphModule, arg) -> float | None:
@@ -215,7 +208,7 @@ def _grid_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         step = uint8_step(value) if isinstance(value, torch.Tensor) and value.numel() > 1 else None
         if step is None:
             continue
-        name = _module_name(gm, f"constant_{node.name}")
+        name = free_attribute(gm, f"constant_{node.name}")
         gm.add_submodule(name, QuantizedTensorConstant(value, step))
         with gm.graph.inserting_before(node):
             constant = gm.graph.call_module(name, ())
@@ -235,7 +228,7 @@ def _quantized_constants(gm: torch.fx.GraphModule) -> None:
         if value is None or not isinstance(tensor, torch.fx.Node) or _scalar_constant(gm, tensor) is not None:
             continue
         target, convert = SCALAR_OPS[node.target]
-        name = _module_name(gm, f"constant_{node.name}")
+        name = free_attribute(gm, f"constant_{node.name}")
         gm.add_submodule(name, QuantizedConstant(convert(value)))
         with gm.graph.inserting_before(node):
             constant = gm.graph.call_module(name, ())

@@ -128,7 +128,7 @@ def _pools_as_convs(graph_module: torch.fx.GraphModule) -> int:
                                                              list(padding), [1, 1], channels))
             pooled = conv
             if any(padding) and not count_include_pad:
-                factor = _count_factor(before, kernel, stride, padding, after.shape[2:])
+                factor = _count_factor(before, kernel, stride, padding)
                 pooled = graph.call_function(aten.mul.Tensor, (conv, register_parameter(
                     graph_module, f"{node.name}_count_factor", factor)))
         conv.meta, pooled.meta = dict(node.meta), dict(node.meta)  # the pool's shape, both
@@ -141,14 +141,14 @@ def _pools_as_convs(graph_module: torch.fx.GraphModule) -> int:
     return count
 
 
-def _count_factor(before: torch.Tensor, kernel, stride, padding, size) -> torch.Tensor:
+def _count_factor(before: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     """kh kw / (the window's elements inside the image) per output position, [1, 1, H, W]: what turns a pool that
     counts the padding into one that does not, held on a uint8 grid so that the export writes it as a uint8
     constant and onnxruntime multiplies in QLinearMul. Exact where a grid 1 / m holds every value (3x3: 1, 1.5 and
     2.25 are 4, 6 and 9 quarters); otherwise rounded to the grid max / 255 (within 0.5 %), in the simulation too."""
     ones = torch.ones(1, 1, *before.shape[2:], dtype=torch.float64)
     counts = torch.nn.functional.avg_pool2d(ones, kernel, stride, padding, count_include_pad=False, divisor_override=1)
-    factor = (kernel[0] * kernel[1]) / counts[..., :size[0], :size[1]]
+    factor = (kernel[0] * kernel[1]) / counts  # the pool's own shape: no partial windows reach here
     step = uint8_step(factor) or float(factor.max()) / 255
     return ((factor / step).round() * step).to(before.dtype)
 

@@ -113,12 +113,17 @@ def layer_name(node: torch.fx.Node) -> str:
     return node.name
 
 
-def register_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> torch.fx.Node:
-    """Store a tensor as a new top-level parameter of the graph module and return a get_attr node for it."""
-    attr = name
-    suffix = 1
+def free_attribute(gm: torch.nn.Module, name: str) -> str:
+    """`name`, or `name_1`, `name_2`, ...: the first the module has no attribute of."""
+    attr, suffix = name, 1
     while hasattr(gm, attr):
         attr, suffix = f"{name}_{suffix}", suffix + 1
+    return attr
+
+
+def register_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> torch.fx.Node:
+    """Store a tensor as a new top-level parameter of the graph module and return a get_attr node for it."""
+    attr = free_attribute(gm, name)
     gm.register_parameter(attr, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
     return gm.graph.get_attr(attr)
 

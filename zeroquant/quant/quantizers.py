@@ -136,7 +136,10 @@ class GateQuantizer(ActivationQuantizer):
     def tied(self) -> tuple[float, int] | None:
         source = self.sources[0]
         steps = steps_to_three(source) if source.learned_scale is None else None
-        return None if steps is None else (source.grid()[0] / 6, source.grid()[1] - steps)
+        if steps is None:
+            return None
+        scale, zero_point = source.grid()
+        return scale / 6, zero_point - steps
 
     def grid(self) -> tuple[float, int]:
         return self.tied() or (self.scale, self.zero_point)

@@ -18,6 +18,7 @@ import zeroquant
 import zeroquant.export.integer_model
 from tests.conftest import SHARED, make_small_net
 from zeroquant.calib import cache
+from zeroquant.export.verify import Parity
 from zeroquant.cli.app import main
 from zeroquant.graph.batchnorm import fold_batchnorm
 from zeroquant.graph.capture import capture
@@ -183,7 +184,20 @@ def test_verification_failure_exits_5_and_writes_nothing(tmp_path, monkeypatch, 
     error = capsys.readouterr().err.splitlines()[-1]
     assert code == 5 and error.startswith("zeroquant: error: onnxruntime's integer model diverges") and \
         "nothing was written" in error
+    assert "the file does not compute what the simulation does, an export bug" in error  # not blamed on rounding
     assert not any(out.iterdir())
+
+
+@pytest.mark.parametrize("reference, quantization, cause", [
+    (0.20, 3.6, "rounding alone can explain it"),  # timm fbnetv3_b (random weights) at 224 px: 0.21, 0.19, 14
+    (0.02, 0.05, "its integer kernels do not"),
+    (0.20, 0.05, "an export bug")])
+def test_a_diverged_file_is_told_apart_by_the_float_run_and_the_quantization_error(reference, quantization, cause):
+    """Above the tolerance, the float run of the same file and the simulation's own distance to the float model say
+    which: a model that amplifies rounding, onnxruntime's kernels, or the file itself."""
+    check = Parity(16, 75.0, 0.05, 0.007, 0.2, {}, 0.1, reference, quantization)
+    assert check.diverged and cause in check.diagnosis()
+    assert not Parity(16, 75.0, 0.05, 0.007, 0.2, {}, 0.3).diverged  # --parity-tolerance 0.3 accepts it
 
 
 def test_batchnorm_folding_is_exact():

@@ -69,6 +69,9 @@ class QuantizeOptions:
     pad_channels: bool = option(True, "Widen narrow activations to a multiple of 16 channels and the image to 4 "
                                       "with zero channels, where onnxruntime's integer convs are up to 3x faster "
                                       "(exact; --no-pad-channels keeps the model's widths).")
+    parity_tolerance: float = option(0.1, "The largest difference between onnxruntime's outputs and the "
+                                          "simulation's, as a fraction of the logits' spread, that the export check "
+                                          "passes; the refusal says why it is exceeded.")
 
     @classmethod
     def of(cls, options: QuantizeOptions | None = None, **values) -> QuantizeOptions:
@@ -142,6 +145,8 @@ class QuantizeOptions:
         if self.input_range is not None and (len(self.input_range) != 2 or not
                                              float(self.input_range[0]) < float(self.input_range[1])):
             raise UsageError(f"--input-range must be LOW,HIGH with LOW < HIGH, got {self.input_range}")
+        if not self.parity_tolerance > 0:
+            raise UsageError(f"--parity-tolerance must be positive, got {self.parity_tolerance}")
         if self.images < 1 or self.batch_size < 1 or (self.iterations is not None and self.iterations < 1):
             raise UsageError("--images, --batch-size and --iterations must be positive")
         choices = tuple(self.wbits_choices)

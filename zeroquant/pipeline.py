@@ -300,12 +300,14 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     lap("export")
     with job.progress.stage("verify"):
         verify.check(model)  # a model onnx or onnxruntime refuses is a VerificationError; anything else, a bug
-        check = verify.parity(model, sim, calib.images, job.captured.output_names)
+        check = verify.parity(model, sim, job.graph_module, calib.images, job.captured.output_names,
+                              options.parity_tolerance)
         if check.diverged:
             raise VerificationError(
                 f"onnxruntime's integer model diverges from the simulation: max logit difference "
-                f"{check.max_abs_logit_diff:.3g} ({100 * check.relative_max_diff:.0f} % of the logit range), top-1 "
-                f"agreement {check.top1_agreement:.1f} % on the distilled images; nothing was written")
+                f"{check.max_abs_logit_diff:.3g} ({100 * check.relative_max_diff:.0f} % of the logit range, above "
+                f"--parity-tolerance {options.parity_tolerance:g}), top-1 agreement {check.top1_agreement:.1f} % on "
+                f"the distilled images; {check.diagnosis()}; nothing was written")
         macs = sim.layer_macs(job.shape)
         values = {name: layer.integer_weight().to(torch.int8).numpy() for name, layer in sim.layers.items()}
         census = layer_census(model, {name: f"{name}.weight" for name in sim.layers}, macs, values)

@@ -20,7 +20,7 @@ def default_output(model: str, budget: str | None, wbits: int, abits: int) -> Pa
 @flags.takes_options("input_range", "wbits", "abits", "budget", "wbits_choices", "objective", "method", "ranges",
                      "images", "iterations", "batch_size", "lr", "seed", "device", "keep_first_last", "keep_depthwise",
                      "rounding", "reconstruct", "effort", "bias_correction", "equalize", "pack_int4",
-                     "pad_channels", "target_cpu", "cache")
+                     "pad_channels", "parity_tolerance", "target_cpu", "cache")
 def quantize(
     ctx: typer.Context,
     source: dict,

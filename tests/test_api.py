@@ -164,6 +164,96 @@ def test_a_damaged_cache_entry_is_distilled_again(tmp_path, monkeypatch):
     assert zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST).report.timings["distill_from_cache"]
 
 
+@pytest.fixture
+def corrupted_export(monkeypatch):
+    """An export that no longer computes what the simulation does: every layer's weights negated."""
+    integer_layer = zeroquant.export.integer_model.IntegerLayer
+
+    class Corrupted(integer_layer):
+        def __init__(self, layer):
+            super().__init__(layer)
+            self.weight = -self.weight
+
+    monkeypatch.setattr(zeroquant.export.integer_model, "IntegerLayer", Corrupted)
+
+
+def test_verification_failure_exits_5_and_writes_nothing(tmp_path, corrupted_export, capsys):
+    """An export that no longer computes what the simulation does must be refused, not written."""
+    model = tmp_path / "small.pt2"
+    torch.export.save(torch.export.export(make_small_net(), (torch.randn(2, *SHAPE),),
+                                          dynamic_shapes=({0: torch.export.Dim("b")},)), model)
+    done = subprocess.run([Path(sys.executable).with_name("zeroquant"), "quantize", str(model), "-o",
+                           str(tmp_path / "m.onnx"), "--images", "8", "--batch-size", "8", "--iterations", "5"],
+                          capture_output=True, text=True, timeout=300,
+                          env={"ZEROQUANT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert [line.split(" ...")[0] for line in lines] == [
+        "zeroquant: capture", "zeroquant: Inversion distillation (5 steps)", "zeroquant: calibrate",
+        "zeroquant: bias correction", "zeroquant: export", "zeroquant: verify", "zeroquant: write"]
+    assert all(re.fullmatch(r".* \.\.\. \d+\.\d s", line) for line in lines), lines
+    assert "integer MACs" in done.stdout
+
+
+def test_pareto_result(tmp_path):
+    frontier = zeroquant.pareto(make_small_net(), input_shape=SHAPE, wbits_choices=(2, 4, 8), **FAST)
+    points = frontier.points
+    assert [p["size_bytes"] for p in points] == sorted(p["size_bytes"] for p in points)
+    chosen = frontier.choose("5")
+    assert chosen["average_bits"] <= 5 and chosen in points
+    assert all(p["average_bits"] > 5 for p in points[points.index(chosen) + 1:])
+    assert frontier.plot(tmp_path / "p.png")[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "p.png").is_file()
+    frontier.save(tmp_path / "out")  # the folder is made
+    assert json.loads((tmp_path / "out" / "pareto.json").read_text()) == frontier.data
+
+
+@pytest.mark.parametrize("method", ["noise", "genie"])
+def test_other_calibration_methods_through_the_pipeline(tmp_path, method):
+    """The method reaches the images and, through them, the file: not only the report's label."""
+    result = zeroquant.quantize(make_small_net(), tmp_path / "m.onnx", input_shape=SHAPE, method=method, **FAST)
+    assert result.report.distillation["method"] == method
+    assert result.report.census["integer_mac_fraction"] == 1.0
+    images = zeroquant.distill(make_small_net(), input_shape=SHAPE, method=method, **FAST)
+    assert images.shape == (8, *SHAPE) and torch.isfinite(images).all()
+    default = zeroquant.distill(make_small_net(), input_shape=SHAPE, **FAST)  # zeroq, the same seed
+    assert (images - default).abs().mean() > 0.1 * default.abs().mean()
+    assert result.onnx != zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST).onnx
+    if method == "noise":  # plain N(0, 1) draws, not optimised towards the BN statistics
+        assert abs(float(images.mean())) < 0.2 and 0.8 < float(images.std()) < 1.2
+
+
+def test_noise_calibration_quantizes_a_network_without_batchnorm(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(zeroquant.UnsupportedModelError, match="no BatchNorm"):
+        zeroquant.quantize(model, input_shape=SHAPE, **FAST)
+    result = zeroquant.quantize(model, input_shape=SHAPE, method="noise", **FAST)
+    assert result.report.census["integer_mac_fraction"] == 1.0
+
+
+def test_given_calibration_images_are_used_as_they_are(tmp_path, monkeypatch):
+    images = zeroquant.distill(make_small_net(), tmp_path / "calib.pt", input_shape=SHAPE, **FAST)
+    monkeypatch.setattr(zeroquant.pipeline, "distill_set", lambda *a, **k: pytest.fail("distilled again"))
+    from_tensor = zeroquant.quantize(make_small_net(), input_shape=SHAPE, calibration=images, **FAST)
+    from_file = zeroquant.quantize(make_small_net(), input_shape=SHAPE, calibration=tmp_path / "calib.pt", **FAST)
+    assert from_tensor.onnx == from_file.onnx
+    with pytest.raises(zeroquant.UsageError, match="calibration images are"):
+        zeroquant.quantize(make_small_net(), input_shape=(3, 20, 20), calibration=images, **FAST)
+    (tmp_path / "bad.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(zeroquant.ModelLoadError, match="cannot read calibration set"):
+        zeroquant.quantize(make_small_net(), input_shape=SHAPE, calibration=tmp_path / "bad.pt", **FAST)
+
+
+def test_a_damaged_cache_entry_is_distilled_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEROQUANT_CACHE", str(tmp_path / "cache"))
+    first = zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST)
+    (entry,) = cache.cache_dir().glob("*.pt")
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a crash of another process or a full disk
+    again = zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST)
+    assert not again.report.timings["distill_from_cache"] and again.onnx == first.onnx
+    assert cache.load(entry.stem) is not None  # the entry was written again, whole
+    assert zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST).report.timings["distill_from_cache"]
+
+
 def test_verification_failure_exits_5_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """An export that no longer computes what the simulation does must be refused, not written."""
     integer_layer = zeroquant.export.integer_model.IntegerLayer
@@ -186,6 +276,14 @@ def test_verification_failure_exits_5_and_writes_nothing(tmp_path, monkeypatch, 
         "nothing was written" in error
     assert "the file does not compute what the simulation does, an export bug" in error  # not blamed on rounding
     assert not any(out.iterdir())
+
+
+def test_a_raised_parity_tolerance_writes_the_file_with_the_diagnosis_as_a_warning(tmp_path, corrupted_export):
+    result = zeroquant.quantize(make_small_net(), tmp_path / "m.onnx", input_shape=SHAPE, images=8, batch_size=8,
+                                iterations=5, cache=False, parity_tolerance=2.0)
+    warning = [n for n in result.report.notes if "accepted at --parity-tolerance 2" in n]
+    assert (tmp_path / "m.onnx").exists() and result.report.parity["relative_max_diff"] > 0.5
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and "an export bug" in warning[0]
 
 
 @pytest.mark.parametrize("reference, quantization, cause", [

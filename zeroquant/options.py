@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from zeroquant.calib import DISTILLERS
 from zeroquant.cpu import cpu_flags, int32_dot_products
 from zeroquant.errors import UsageError
+from zeroquant.export.verify import TOLERANCE
 from zeroquant.quant.gptq import ROUNDINGS
 from zeroquant.quant.ranges import RANGE_METHODS
 from zeroquant.quant.reconstruct import EFFORTS
@@ -69,7 +70,7 @@ class QuantizeOptions:
     pad_channels: bool = option(True, "Widen narrow activations to a multiple of 16 channels and the image to 4 "
                                       "with zero channels, where onnxruntime's integer convs are up to 3x faster "
                                       "(exact; --no-pad-channels keeps the model's widths).")
-    parity_tolerance: float = option(0.1, "The largest difference between onnxruntime's outputs and the "
+    parity_tolerance: float = option(TOLERANCE, "The largest difference between onnxruntime's outputs and the "
                                           "simulation's, as a fraction of the logits' spread, that the export check "
                                           "passes; the refusal says why it is exceeded.")
 

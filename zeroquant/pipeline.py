@@ -307,7 +307,8 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
                 f"onnxruntime's integer model diverges from the simulation: max logit difference "
                 f"{check.max_abs_logit_diff:.3g} ({100 * check.relative_max_diff:.0f} % of the logit range, above "
                 f"--parity-tolerance {options.parity_tolerance:g}), top-1 agreement {check.top1_agreement:.1f} % on "
-                f"the distilled images; {check.diagnosis()}; nothing was written")
+                f"the distilled images; {check.diagnosis()}; nothing was written (a higher --parity-tolerance "
+                f"accepts it)")
         macs = sim.layer_macs(job.shape)
         values = {name: layer.integer_weight().to(torch.int8).numpy() for name, layer in sim.layers.items()}
         census = layer_census(model, {name: f"{name}.weight" for name in sim.layers}, macs, values)
@@ -315,6 +316,10 @@ def export(job: Job, prepared: Prepared, output: str | Path | None, with_float: 
     data = model.SerializeToString()
     float_bytes = sum(4 * layer.weight.numel() + 4 * layer.bias.numel() for layer in sim.layers.values())
     notes = list(prepared.notes)
+    if check.reference_relative_max_diff is not None:  # beyond the default tolerance, accepted at the user's
+        notes.append(f"warning: onnxruntime's outputs differ from the simulation's by "
+                     f"{100 * check.relative_max_diff:.0f} % of the logit range, accepted at --parity-tolerance "
+                     f"{options.parity_tolerance:g}; {check.diagnosis()}")
     if repeated:
         notes.append(multiplier_note(repeated))
     if any(padded):

@@ -21,11 +21,11 @@ from timed_cli import run_zeroquant  # noqa: E402
 
 VARIANTS = {
     "W4A8 calibration only": ["--wbits", "4", "--reconstruct", "off"],
-    "W4A8 fast": ["--wbits", "4", "--effort", "fast"],
-    "W4A8 default": ["--wbits", "4"],
+    "W4A8 fast": ["--wbits", "4", "--reconstruct", "on", "--effort", "fast"],
+    "W4A8 default": ["--wbits", "4", "--reconstruct", "on"],
     "mixed 5.0 bits A8 calibration only": ["--budget", "5.0", "--reconstruct", "off"],
-    "mixed 5.0 bits A8 fast": ["--budget", "5.0", "--effort", "fast"],
-    "mixed 5.0 bits A8 default": ["--budget", "5.0"],
+    "mixed 5.0 bits A8 fast": ["--budget", "5.0", "--reconstruct", "on", "--effort", "fast"],
+    "mixed 5.0 bits A8 default": ["--budget", "5.0", "--reconstruct", "on"],
 }
 
 

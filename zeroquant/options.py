@@ -58,8 +58,8 @@ class QuantizeOptions:
     rounding: str = option("auto", "Weight rounding: gptq (second-order: each weight's error compensated by the "
                                    "others, per layer), nearest, or auto (gptq below 8 bits, nearest at 8: see the "
                                    "ablation).")
-    reconstruct: str = option("auto", "Block reconstruction (learned rounding and step sizes): auto (below 8 bits), "
-                                      "on or off.")
+    reconstruct: str = option("auto", "Block reconstruction (learned rounding and step sizes): auto (activations "
+                                      "below 8 bits or weights below 4), on or off.")
     effort: str = option("default", "Reconstruction effort: fast, default or thorough.")
     bias_correction: str = option("auto", "Correct the output shift of weight rounding: auto (analytic, on "
                                           "networks with depthwise convs), on (measured on the distilled images), "
@@ -116,9 +116,12 @@ class QuantizeOptions:
             return None
         return "images" if self.bias_correction == "on" else "statistics"
 
-    def reconstructs(self, low_bit: bool) -> bool:
-        """auto: below 8 bits, where rounding alone loses accuracy; at 8 bits it costs minutes for nothing."""
-        return self.reconstruct == "on" or (self.reconstruct == "auto" and low_bit)
+    def reconstructs(self, weight_bits: int, activation_bits: int) -> bool:
+        """auto: with activations below 8 bits or weights below 4 (the fewest bits of any layer), where GPTQ's
+        rounding alone loses accuracy: ResNet-20 W4A4 -10.6 -> -3.6. With 8-bit activations and 4+-bit weights it
+        costs minutes for nothing measurable: EfficientNet-Lite0 W4A8 81.6 % top-1 (GPTQ) and 81.8 % reconstructed
+        (89.0 % agreement both) in 4 and 35 minutes (2 cores, 2026-12-07); ResNet-20 W4A8 80.90 and 81.28 %."""
+        return self.reconstruct == "on" or (self.reconstruct == "auto" and (activation_bits < 8 or weight_bits < 4))
 
     def budget_limit(self) -> Budget | None:
         return parse_budget(self.budget, self.wbits_choices, self.objective) if self.budget is not None else None

@@ -266,7 +266,8 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bit
             correct_biases(sim, calib.images, analytic=correction == "statistics")
         lap("bias_correction")
     reconstruction = []
-    if options.reconstructs(low_bit):
+    if options.reconstructs(min(layer.bits for layer in sim.layers.values()),
+                            min((q.bits for q in sim.activations.values()), default=8)):
         reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress,
                                      workers=job.workers)
         lap("reconstruct")

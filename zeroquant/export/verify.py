@@ -42,10 +42,11 @@ class Parity:
         return not self.relative_max_diff <= self.tolerance
 
     def diagnosis(self) -> str:
-        """Why a model beyond the default tolerance differs, from the two extra runs. A model whose own quantization error dwarfs the
-        difference amplifies one-step rounding differences (onnxruntime's kernels and PyTorch round a few ties the
-        other way), as untrained nets do: on timm fbnetv3_b with random weights the simulation is 14x its logit
-        spread from the float model. Otherwise the float run tells the file's arithmetic from the integer kernels."""
+        """Why a model beyond the default tolerance differs, from the two extra runs. A model whose own quantization
+        error dwarfs the difference amplifies one-step rounding differences (onnxruntime's kernels and PyTorch round a
+        few ties the other way), as untrained nets do: on timm fbnetv3_b with random weights the simulation is 14x
+        its logit spread from the float model. Otherwise the float run tells the file's arithmetic from the integer
+        kernels."""
         reference, quantization = self.reference_relative_max_diff, self.quantization_relative_max_diff
         if quantization >= 2 * self.relative_max_diff:
             return (f"rounding alone can explain it: the simulation itself is {100 * quantization:.0f} % of that "

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, fields
 from zeroquant.calib import DISTILLERS
 from zeroquant.cpu import cpu_flags, int32_dot_products
 from zeroquant.errors import UsageError
-from zeroquant.export.verify import TOLERANCE
 from zeroquant.quant.gptq import ROUNDINGS
 from zeroquant.quant.ranges import RANGE_METHODS
 from zeroquant.quant.reconstruct import EFFORTS
@@ -18,6 +17,8 @@ BIAS_CORRECTION = ("auto", "on", "analytic", "off")
 RECONSTRUCT = ("auto", "on", "off")
 TARGET_CPUS = ("auto", "int32-dot", "portable")
 DEVICES = ("auto", "cpu", "cuda")
+# the export check's default: beyond a tenth of the logit spread, rounding is not the usual cause
+PARITY_TOLERANCE = 0.1
 
 
 def option(default, help: str):
@@ -70,9 +71,9 @@ class QuantizeOptions:
     pad_channels: bool = option(True, "Widen narrow activations to a multiple of 16 channels and the image to 4 "
                                       "with zero channels, where onnxruntime's integer convs are up to 3x faster "
                                       "(exact; --no-pad-channels keeps the model's widths).")
-    parity_tolerance: float = option(TOLERANCE, "The largest difference between onnxruntime's outputs and the "
-                                          "simulation's, as a fraction of the logits' spread, that the export check "
-                                          "passes; the refusal says why it is exceeded.")
+    parity_tolerance: float = option(PARITY_TOLERANCE, "The largest difference between onnxruntime's outputs and "
+                                                       "the simulation's, as a fraction of the logits' spread, that "
+                                                       "the export check passes; the refusal says why it is exceeded.")
 
     @classmethod
     def of(cls, options: QuantizeOptions | None = None, **values) -> QuantizeOptions:

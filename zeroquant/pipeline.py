@@ -252,8 +252,9 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bit
     if sim.input_quantizer is not None:
         low, high = sim.activations[sim.input_quantizer].range
         notes.append(input_range_note(low, high, source))
-    low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
-        q.bits < 8 for q in sim.activations.values())
+    weight_bits = min((layer.bits for layer in sim.layers.values()), default=8)  # the fewest of any layer
+    activation_bits = min((q.bits for q in sim.activations.values()), default=8)
+    low_bit = min(weight_bits, activation_bits) < 8
     rounding = []
     second_order = gptq_layers(sim, options.rounding)
     if second_order:
@@ -266,8 +267,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bit
             correct_biases(sim, calib.images, analytic=correction == "statistics")
         lap("bias_correction")
     reconstruction = []
-    if options.reconstructs(min(layer.bits for layer in sim.layers.values()),
-                            min((q.bits for q in sim.activations.values()), default=8)):
+    if options.reconstructs(weight_bits, activation_bits):
         reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress,
                                      workers=job.workers)
         lap("reconstruct")

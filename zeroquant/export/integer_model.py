@@ -201,6 +201,14 @@ def _scalar_constant(gm: torch.fx.GraphModule, arg) -> float | None:
     return value
 
 
+def _constant_before(gm: torch.fx.GraphModule, node: torch.fx.Node, module: nn.Module) -> torch.fx.Node:
+    """A call of `module` (a quantized constant, which takes no input) added just before `node`, for it to read."""
+    name = free_attribute(gm, f"constant_{node.name}")
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        return gm.graph.call_module(name, ())
+
+
 def _grid_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     """x * C for a float tensor constant C on a uint8 grid: C read through DequantizeLinear."""
     for index, arg in enumerate(node.args[:2]):
@@ -208,10 +216,7 @@ def _grid_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         step = uint8_step(value) if isinstance(value, torch.Tensor) and value.numel() > 1 else None
         if step is None:
             continue
-        name = free_attribute(gm, f"constant_{node.name}")
-        gm.add_submodule(name, QuantizedTensorConstant(value, step))
-        with gm.graph.inserting_before(node):
-            constant = gm.graph.call_module(name, ())
+        constant = _constant_before(gm, node, QuantizedTensorConstant(value, step))
         node.args = tuple(constant if i == index else a for i, a in enumerate(node.args))
         return
 
@@ -228,8 +233,4 @@ def _quantized_constants(gm: torch.fx.GraphModule) -> None:
         if value is None or not isinstance(tensor, torch.fx.Node) or _scalar_constant(gm, tensor) is not None:
             continue
         target, convert = SCALAR_OPS[node.target]
-        name = free_attribute(gm, f"constant_{node.name}")
-        gm.add_submodule(name, QuantizedConstant(convert(value)))
-        with gm.graph.inserting_before(node):
-            constant = gm.graph.call_module(name, ())
-        node.target, node.args = target, (tensor, constant)
+        node.target, node.args = target, (tensor, _constant_before(gm, node, QuantizedConstant(convert(value))))

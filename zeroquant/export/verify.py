@@ -11,10 +11,9 @@ import onnxruntime as ort
 import torch
 
 from zeroquant.errors import ModelLoadError, VerificationError, first_line
+from zeroquant.options import PARITY_TOLERANCE
 from zeroquant.quant.sim import as_outputs
 from zeroquant.runtime import run_all, session
-
-TOLERANCE = 0.1  # the default --parity-tolerance: beyond a tenth of the logit spread, rounding is not the usual cause
 
 
 @dataclass
@@ -28,7 +27,7 @@ class Parity:
     mean_abs_logit_diff: float
     relative_max_diff: float  # max difference over the spread of the simulation's values, worst output
     outputs: dict[str, dict] = field(default_factory=dict)  # per output name, when there are several
-    tolerance: float = TOLERANCE  # the largest relative_max_diff that passes (--parity-tolerance)
+    tolerance: float = PARITY_TOLERANCE  # the largest relative_max_diff that passes (--parity-tolerance)
     # only beyond the default tolerance, to say why, on the same scale as relative_max_diff: onnxruntime with no graph
     # optimisation (the file's own arithmetic, in float) against the simulation, and the simulation against the float
     # model (the quantization's own error)
@@ -53,7 +52,7 @@ class Parity:
                     f"range from the float model, and onnxruntime's float run of the file {100 * reference:.0f} % "
                     "from the simulation, so this model amplifies one-step rounding differences (untrained weights "
                     "do; on a model this sensitive an export error would look the same)")
-        if reference <= TOLERANCE:
+        if reference <= PARITY_TOLERANCE:
             return (f"onnxruntime's float run of the same file agrees with the simulation ({100 * reference:.1f} %) "
                     "but its integer kernels do not: a kernel or fusion that computes otherwise; please report it")
         return (f"onnxruntime's float run of the file differs as well ({100 * reference:.0f} %) while the "
@@ -83,7 +82,7 @@ def _outputs(module, images: torch.Tensor) -> list[np.ndarray]:
 
 
 def parity(model: onnx.ModelProto, simulation, float_model, images: torch.Tensor, names: list[str],
-           tolerance: float = TOLERANCE) -> Parity:
+           tolerance: float = PARITY_TOLERANCE) -> Parity:
     """The outputs of onnxruntime against the simulation's; a model onnxruntime refuses is a VerificationError. One
     beyond the default tolerance (refused, or accepted at a higher one) is run again without graph optimisation, and
     float_model on the images, for diagnosis()."""
@@ -97,7 +96,7 @@ def parity(model: onnx.ModelProto, simulation, float_model, images: torch.Tensor
     check = Parity(len(images), float(np.mean([r["top1_agreement"] for r in values])),
                    max(r["max_abs_diff"] for r in values), float(np.mean([r["mean_abs_diff"] for r in values])),
                    max(r["relative_max_diff"] for r in values), rows if len(rows) > 1 else {}, tolerance)
-    if check.relative_max_diff > TOLERANCE:
+    if check.relative_max_diff > PARITY_TOLERANCE:
         reference = run_all(session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL), images.numpy())
         for attribute, outputs in (("reference_relative_max_diff", reference),
                                    ("quantization_relative_max_diff", _outputs(float_model, images))):

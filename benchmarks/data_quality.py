@@ -2,7 +2,8 @@
 
 The ruler: W4A8 for EfficientNet-Lite0, W4A4 for the CIFAR ResNets; depthwise, first and last layers at 8 bits
 (the defaults), GPTQ rounding, calibration only (no reconstruction), default bias correction (part of the ruler
-in the tables: it changed from measured to analytic), seed 0. Each source gives N images:
+in the tables: it changed from measured to analytic), GPTQ's float target (`--target-ridge none` rounds towards
+each layer's own output instead, as GPTQ did before it; the tables name the ridge), seed 0. Each source gives N images:
 
 - real: photos (the upper bound). Lite0: the even-indexed half of ../shared's 500 ImageNet photos (cycled with
   horizontal flips beyond 250); the CIFAR ResNets: ../shared's CIFAR-10 training images.
@@ -42,6 +43,7 @@ from zeroquant.evaluate.accuracy import evaluate_logits
 from zeroquant.evaluate.datasets import ImageSet, dataset_for_zoo, load_image_folder
 from zeroquant.options import QuantizeOptions
 from zeroquant.pipeline import pixel_range, prepare, start
+from zeroquant.quant import gptq
 from zeroquant.zoo.registry import zoo_entry
 
 HERE = Path(__file__).resolve().parent
@@ -155,6 +157,7 @@ def bias_correction(options: QuantizeOptions, sim) -> str:
 
 def run(args) -> None:
     wbits, abits = RULER[args.model]
+    gptq.TARGET_RIDGE = args.target_ridge
     options = QuantizeOptions(wbits=wbits, abits=abits, rounding="gptq", reconstruct="off", seed=args.seed,
                               cache=False)
     job = start(f"zoo:{args.model}", None, options, {})
@@ -166,6 +169,8 @@ def run(args) -> None:
             images, seconds, bn_loss = make_images(job, source, count, pool, args)
             scored = score(job, images, test, reference)
             ruler = f"W{wbits}A{abits}, bias correction {scored.pop('bias_correction')}"
+            if args.target_ridge is not None:
+                ruler += f", GPTQ float target (ridge {args.target_ridge:g})"
             row = {"model": args.model, "images": count, "source": source, "fp32_top1": round(fp32, 2),
                    "drop": round(fp32 - scored["top1"], 2), **scored, "seconds": round(seconds, 1),
                    "images_per_s": round(count / seconds, 3) if seconds else None,
@@ -226,6 +231,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mct-path", help="a folder to import model_compression_toolkit from")
+    parser.add_argument("--target-ridge", type=lambda s: None if s == "none" else float(s), default=gptq.TARGET_RIDGE,
+                        help="GPTQ's float-target ridge (quant/gptq.py TARGET_RIDGE); none: plain GPTQ")
     run(parser.parse_args())
 
 

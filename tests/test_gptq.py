@@ -27,13 +27,13 @@ class Mixed(nn.Module):
         return self.head(self.depthwise(self.grouped(self.dense(x))).mean((2, 3)))
 
 
-def simulation(build, bits):
+def simulation(build, bits, activation_bits=8):
     torch.manual_seed(0)  # before the model is built: its weights are part of what the test measures
     model = build().train()
     with torch.no_grad():
         for _ in range(5):
             model(torch.randn(16, 3, 12, 12))
-    sim = build_quantsim(for_quantization(capture(model.eval(), (3, 12, 12)).graph_module)[0], bits, 8)
+    sim = build_quantsim(for_quantization(capture(model.eval(), (3, 12, 12)).graph_module)[0], bits, activation_bits)
     images = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     calibrate(sim, images)
     return sim, images
@@ -112,12 +112,41 @@ def integer_weights(model: bytes) -> dict[str, bytes]:
             if init.name.endswith(".weight")}
 
 
-def test_auto_rounding_is_gptq_below_8_bits_only():
-    """auto: GPTQ for the 4-bit layers of a mixed model, nearest for its 8-bit ones (where GPTQ fitted the distilled
-    images more than the real ones)."""
+def test_auto_rounding_is_gptq_on_every_layer_of_a_low_bit_model_only():
+    """auto: GPTQ (towards the float model) for every layer of a model with 4-bit layers, its 8-bit ones too (their
+    inputs moved), and for none of a W8A8 model, where nearest rounding is close enough for a quarter of the time."""
     model = make_small_net()
     options = dict(input_shape=(3, 16, 16), reconstruct="off", images=16, batch_size=16, iterations=20)
     mixed = zeroquant.quantize(model, wbits=4, keep_first_last=8, keep_depthwise=0, **options).report
-    assert {r["layer"] for r in mixed.rounding} == {layer.name for layer in mixed.layers if layer.weight_bits < 8}
-    assert 0 < len(mixed.rounding) < len(mixed.layers)
+    assert {r["layer"] for r in mixed.rounding} == {layer.name for layer in mixed.layers}
+    assert {layer.weight_bits for layer in mixed.layers} == {4, 8}
     assert not zeroquant.quantize(model, **options).report.rounding  # W8A8: nearest
+
+
+def test_the_float_target_fit_brings_a_drifting_model_closer_to_its_float_self():
+    """At 4-bit activations every layer reads inputs already far from the float model's: fitting each layer to the
+    float model's output (weights and bias) from those inputs lowers the whole model's error on fresh inputs, against
+    GPTQ towards the layer's own output on them (measured 1.4e-5 vs 2.2e-5 here), and the fitted biases are left
+    alone by bias correction."""
+    from zeroquant.quant.bias_correction import correct_biases
+    from zeroquant.quant.gptq import hessian, round_layer
+
+    def quantized_error(sim) -> float:
+        fresh = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            with sim.float_pass():
+                reference = sim(fresh)
+            return float(((sim(fresh) - reference) ** 2).mean())
+
+    plain, images = simulation(Mixed, 4, activation_bits=4)
+    for layer in plain.layers.values():  # GPTQ towards W x~, the layer's own output on its quantized inputs
+        round_layer(layer, hessian(plain, layer, images))
+    fitted, _ = simulation(Mixed, 4, activation_bits=4)
+    gptq(fitted, images)
+    assert all(layer.bias_fitted for layer in fitted.layers.values())
+    assert not any(layer.bias_fitted for layer in plain.layers.values())
+    assert quantized_error(fitted) < 0.8 * quantized_error(plain)
+    shifts = {name: layer.bias_shift.clone() for name, layer in fitted.layers.items()}
+    correct_biases(fitted, images)
+    assert all(torch.equal(layer.bias_shift, shifts[name]) for name, layer in fitted.layers.items())
+    assert all(layer.enabled for layer in fitted.layers.values())  # the float pass gave their settings back

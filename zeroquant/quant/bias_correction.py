@@ -2,7 +2,8 @@
 Fold that shift back into the bias (Nagel et al. 2019), with the input's mean either measured on the distilled images
 (float activations) or, `analytic`, computed from the BN statistics behind the input (the mean of a clamped normal
 per channel, ranges.ChannelGaussians), which is the training data's mean; layers whose input no BN describes (after a
-residual add or a pool) are measured.
+residual add or a pool) are measured. Layers whose bias GPTQ fitted to the float model's output (quant/gptq.py) are
+left as they are: that fit already saw the quantized inputs this correction would assume float.
 """
 
 from __future__ import annotations
@@ -45,21 +46,22 @@ def _describes_input(prior, layer) -> bool:
 def correct_biases(sim: QuantSim, images: torch.Tensor, batch_size: int = 32, analytic: bool = False) -> None:
     """Add every layer's output shift to the bias it has when quantized (layer.bias_shift): from the BN statistics of
     its input where known and `analytic`, otherwise measured in a float pass (activations unquantized)."""
+    open_layers = {name for name, layer in sim.layers.items() if not layer.bias_fitted}
     priors = {name: sim.activations[feeding].prior for name, feeding in sim.layer_inputs.items()
-              if analytic and feeding and _describes_input(sim.activations[feeding].prior, sim.layers[name])}
+              if analytic and name in open_layers and feeding
+              and _describes_input(sim.activations[feeding].prior, sim.layers[name])}
     for name, prior in priors.items():
         layer = sim.layers[name]
         layer.bias_shift += analytic_shift(layer, prior.expected_mean())
         layer.refresh_bias()
-    measured = [name for name in sim.layers if name not in priors]
+    measured = [name for name in open_layers if name not in priors]
     sums = {name: 0.0 for name in measured}
     hooks = [layer.register_forward_pre_hook(
         lambda module, args, name=name: sums.__setitem__(name, sums[name] + weight_error_shift(module, args[0])
                                                          * len(args[0])))
         for name, layer in sim.layers.items() if name in sums]
-    sim.set_enabled(weights=False, activations=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), sim.float_pass():
             for start in range(0, len(images), batch_size):
                 sim(images[start : start + batch_size])
     finally:
@@ -69,4 +71,3 @@ def correct_biases(sim: QuantSim, images: torch.Tensor, batch_size: int = 32, an
         layer = sim.layers[name]
         layer.bias_shift += sums[name] / len(images)
         layer.refresh_bias()
-    sim.set_enabled(weights=True, activations=True)

@@ -181,6 +181,7 @@ class QuantizedLayer(nn.Module):
         # the weights whose nearest rounding is the chosen one once GPTQ or AdaRound have decided it; the float
         # weights stay as they are, since the float path is the reference bias correction and reconstruction use
         self.register_buffer("round_from", None)
+        self.bias_fitted = False  # GPTQ fitted bias_shift to the float model's output: bias correction leaves it
 
     def channel_absmax(self) -> torch.Tensor:
         return self.weight.detach().abs().flatten(1).amax(1)

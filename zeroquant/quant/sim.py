@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,17 @@ class QuantSim:
             layer.enabled = weights
         for quantizer in self.activations.values():
             quantizer.enabled = activations
+
+    @contextmanager
+    def float_pass(self):
+        """Inside, the simulation computes the float model; every layer and quantizer gets back its own setting."""
+        saved = [(module, module.enabled) for module in [*self.layers.values(), *self.activations.values()]]
+        self.set_enabled(weights=False, activations=False)
+        try:
+            yield
+        finally:
+            for module, enabled in saved:
+                module.enabled = enabled
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return self.graph_module(x)

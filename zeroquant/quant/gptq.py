@@ -125,7 +125,7 @@ def round_layer(layer: QuantizedLayer, inputs: InputHessian, search_scales: bool
         inputs_mean = inputs.target.quantized[:, :-1, -1] / inputs.target.quantized[:, -1:, -1]  # E[x~], [groups, d]
         final = _rounded(_grouped(layer, layer.rounded_weights()), layer)
         shift = shift + torch.einsum("grd,gd->gr", weight - final, inputs_mean)
-        layer.bias_shift += shift.reshape(-1).to(layer.bias_shift.dtype)
+        layer.bias_shift = shift.reshape(-1).to(layer.bias_shift.dtype)  # GPTQ comes before any bias correction
         layer.bias_fitted = True
         layer.refresh_bias()
     return {"layer": layer.name, "error_nearest": before, "error_gptq": min(before, after)}

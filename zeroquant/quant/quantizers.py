@@ -187,10 +187,12 @@ class QuantizedLayer(nn.Module):
         return self.weight.detach().abs().flatten(1).amax(1)
 
     def set_bits(self, bits: int) -> None:
-        """Change the weight bit-width; scales go back to min-max on the new grid (and a rounding decided for the
-        old grid is dropped)."""
+        """Change the weight bit-width; scales go back to min-max on the new grid (and a rounding or bias shift decided
+        for the old grid is dropped)."""
         self.bits = bits
         self.round_from = None
+        self.bias_shift = torch.zeros_like(self.bias_shift)
+        self.bias_fitted = False
         self.set_weight_scale(symmetric_scales(self.channel_absmax(), self.qmax))
 
     def set_weight_scale(self, scale: torch.Tensor) -> None:

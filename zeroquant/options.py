@@ -57,8 +57,9 @@ class QuantizeOptions:
     keep_depthwise: int = option(8, "Least weight bits of depthwise convs under a uniform --wbits (0: treat them like "
                                     "the rest; --budget chooses their bits).")
     rounding: str = option("auto", "Weight rounding: gptq (second-order: each weight's error compensated by the "
-                                   "others, per layer), nearest, or auto (gptq below 8 bits, nearest at 8: see the "
-                                   "ablation).")
+                                   "others, per layer, towards the float model's output), nearest, or auto (gptq on "
+                                   "every layer of a model with any weight or activation below 8 bits, nearest for "
+                                   "W8A8).")
     reconstruct: str = option("auto", "Block reconstruction (learned rounding and step sizes): auto (activations "
                                       "below 8 bits or weights below 4), on or off.")
     effort: str = option("default", "Reconstruction effort: fast, default or thorough.")

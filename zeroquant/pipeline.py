@@ -252,8 +252,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bit
     if sim.input_quantizer is not None:
         low, high = sim.activations[sim.input_quantizer].range
         notes.append(input_range_note(low, high, source))
-    weight_bits = min((layer.bits for layer in sim.layers.values()), default=8)  # the fewest of any layer
-    activation_bits = min((q.bits for q in sim.activations.values()), default=8)
+    weight_bits, activation_bits = sim.fewest_bits()
     low_bit = min(weight_bits, activation_bits) < 8
     rounding = []
     second_order = gptq_layers(sim, options.rounding)

@@ -77,9 +77,7 @@ def gptq_layers(sim: QuantSim, rounding: str) -> list[str]:
     only (FP32 88.2). A W8A8 model gains less for 4x the rounding time: Lite0 99.4 % agreement against nearest
     rounding's 98.8, 109 s against 25 s with cached images (`--rounding gptq` asks for it)."""
     if rounding == "auto":
-        low_bit = any(layer.bits < 8 for layer in sim.layers.values()) or any(
-            quantizer.bits < 8 for quantizer in sim.activations.values())
-        return list(sim.layers) if low_bit else []
+        return list(sim.layers) if min(sim.fewest_bits()) < 8 else []
     return [name for name, layer in sim.layers.items() if uses_gptq(rounding, layer.bits)]
 
 
@@ -157,14 +155,14 @@ def hessian(sim: QuantSim, layer: QuantizedLayer, images: torch.Tensor, float_ta
         columns = _columns(module, args[0].detach().double())
         samples += columns.shape[2]
         if float_target:
-            columns = torch.cat([columns, torch.ones_like(columns[:, :1])], 1)
+            columns = _with_bias_input(columns)
             seen.append(columns)
         add("quantized", columns @ columns.transpose(1, 2))
         raise _Stop
 
     def collect_float(module, args):
         columns = _columns(module, args[0].detach().double())
-        add("cross", torch.cat([columns, torch.ones_like(columns[:, :1])], 1) @ seen.pop().transpose(1, 2))
+        add("cross", _with_bias_input(columns) @ seen.pop().transpose(1, 2))
         raise _Stop
 
     with torch.no_grad():
@@ -178,6 +176,11 @@ def hessian(sim: QuantSim, layer: QuantizedLayer, images: torch.Tensor, float_ta
         return InputHessian(means["quantized"], samples)
     target = FloatTarget(means["quantized"], means["cross"])
     return InputHessian(target.quantized[:, :-1, :-1], samples, target)
+
+
+def _with_bias_input(columns: torch.Tensor) -> torch.Tensor:
+    """[groups, d, positions] -> [groups, d + 1, positions]: a constant 1 appended, the input the bias multiplies."""
+    return torch.cat([columns, torch.ones_like(columns[:, :1])], 1)
 
 
 def _run_until(sim: QuantSim, layer: QuantizedLayer, hook, images: torch.Tensor) -> None:

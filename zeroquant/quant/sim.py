@@ -42,6 +42,11 @@ class QuantSim:
         for quantizer in self.activations.values():
             quantizer.enabled = activations
 
+    def fewest_bits(self) -> tuple[int, int]:
+        """(weight bits, activation bits): the fewest of any layer and of any quantizer (8 where there are none)."""
+        return (min((layer.bits for layer in self.layers.values()), default=8),
+                min((quantizer.bits for quantizer in self.activations.values()), default=8))
+
     @contextmanager
     def float_pass(self):
         """Inside, the simulation computes the float model; every layer and quantizer gets back its own setting."""

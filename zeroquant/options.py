@@ -53,7 +53,8 @@ class QuantizeOptions:
                                      "auto: as this CPU.")
     cache: bool = option(True, "Reuse distilled sets and sensitivities from the cache.")
     keep_first_last: int = option(8, "Bits of the first and last layer and their inputs (0: treat them like the "
-                                     "rest).")
+                                     "rest); with --budget, of their inputs only: the search chooses their weights' "
+                                     "bits like the others'.")
     keep_depthwise: int = option(8, "Least weight bits of depthwise convs under a uniform --wbits (0: treat them like "
                                     "the rest; --budget chooses their bits).")
     rounding: str = option("auto", "Weight rounding: gptq (second-order: each weight's error compensated by the "

@@ -143,8 +143,8 @@ def _calibration(job: Job, calibration) -> tuple[CalibSet, bool]:
 def _search(job: Job, folded: torch.fx.GraphModule, calib: CalibSet):
     options = job.options
     return search(folded, calib.images, job.shape, options.wbits_choices, options.objective, options.abits,
-                  options.keep_first_last, options.reduce_range, job.captured.digest, options.cache, job.progress,
-                  job.workers, options.rounding)
+                  options.reduce_range, job.captured.digest, options.cache, job.progress, job.workers,
+                  options.rounding)
 
 
 def input_range(job: Job) -> tuple[tuple[float, float] | None, str]:
@@ -272,7 +272,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bit
         lap("reconstruct")
     if options.keep_first_last and low_bit:
         given = sorted(name for name in first_and_last(sim) if layer_bits.get(name, 8) < options.keep_first_last)
-        notes.append(first_last_note(options.keep_first_last, given))
+        notes.append(first_last_note(options.keep_first_last, given, options.budget is not None))
     if kept_depthwise:
         notes.append(depthwise_note(kept_depthwise, options.keep_depthwise))
     return Prepared(job.graph_module, calib, sim, 0, low_bit, reconstruction, timings, notes, rounding, layer_bits)

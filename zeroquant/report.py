@@ -81,10 +81,12 @@ def input_range_note(low: float, high: float, source: str) -> str:
     return f"input range [{low:.4g}, {high:.4g}]: {source}"
 
 
-def first_last_note(bits: int, given: list[str]) -> str:
-    """The first and last layers pinned at `bits`, except the weights of the `given` ones (explicit layer_bits)."""
+def first_last_note(bits: int, given: list[str], by_budget: bool) -> str:
+    """The first and last layers pinned at `bits`, except the weights of the `given` ones (the budget's choice or
+    explicit layer_bits)."""
+    source = "the --budget search" if by_budget else "layer_bits"
     return (f"the first and last layers and their inputs stay at {bits} bits (--keep-first-last 0 quantizes them "
-            "like the rest)" + (f", except the weights of {', '.join(given)}: they keep the bits layer_bits gives "
+            "like the rest)" + (f", except the weights of {', '.join(given)}: they keep the bits {source} gives "
                                 "them" if given else ""))
 
 

@@ -22,8 +22,9 @@ from zeroquant.cli.output import print_json, progress_display, stdout
                          "ranges": "Activation range method for the measured points.",
                          "images": "Distilled images (and half as many held-out ones).",
                          "seed": "Random seed; the held-out images use seed + 1.",
-                         "keep_first_last": "Least bits of the first and last layer, as quantize pins them (0: "
-                                            "searched like the rest)."})
+                         "keep_first_last": "Bits of the inputs of the first and last layer in the measured "
+                                            "points, as quantize keeps them (0: like the rest); their weights are "
+                                            "searched like every layer's."})
 def pareto(
     ctx: typer.Context,
     source: dict,

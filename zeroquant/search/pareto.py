@@ -36,16 +36,11 @@ class Problem:
     sensitivity: np.ndarray  # at bits[layer, choice]
     abits: int = 8
     objective: str = "size"
-    floor: np.ndarray | None = None  # per-layer least bits (layers the pipeline pins, --keep-first-last); 0: none
 
     @property
     def bits(self) -> np.ndarray:
-        return self.candidate_bits(self.choices, np.zeros(len(self.layers)) if self.floor is None else self.floor)
-
-    @staticmethod
-    def candidate_bits(choices, floor: np.ndarray) -> np.ndarray:
-        """Bits of every (layer, choice): the choice, raised to the layer's floor."""
-        return np.maximum(np.array(choices)[None, :], np.asarray(floor, np.int64)[:, None])
+        """Bits of every (layer, choice)."""
+        return np.broadcast_to(np.array(self.choices, np.int64), (len(self.layers), len(self.choices)))
 
     def per_bit(self, objective: str | None = None) -> np.ndarray:
         """Cost of one weight bit in each layer: its weights (size), or its MACs times the activation bits (BOPs)."""
@@ -121,9 +116,8 @@ class Budget:
         costs = problem.costs()
         low, high = costs[:, 0].sum(), costs[:, -1].sum()
         if budget < low:
-            pinned = problem.floor is not None and problem.floor.any()
             raise UsageError(f"--budget {self.text} is below the smallest configuration (every layer at its fewest "
-                             f"bits{', the pinned ones at --keep-first-last' if pinned else ''})",
+                             "bits)",
                              f"feasible budgets: {describe(low, problem)} to {describe(high, problem)}")
         return budget
 
@@ -154,8 +148,8 @@ def describe(cost: float, problem: Problem) -> str:
 
 
 def least_safe_cost(problem: Problem) -> int:
-    """The cost of every layer at SAFE_BITS or more (the smallest choice at or above it, or the layer's floor): a
-    budget below it must put layers under SAFE_BITS."""
+    """The cost of every layer at SAFE_BITS or more (the smallest choice at or above it): a budget below it must put
+    layers under SAFE_BITS."""
     column = next((i for i, bits in enumerate(problem.choices) if bits >= SAFE_BITS), len(problem.choices) - 1)
     return int(problem.costs()[:, column].sum())
 

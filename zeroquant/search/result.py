@@ -28,10 +28,9 @@ def pareto_data(model: str, found: Search, measured: dict[int, dict], uniform: l
     return {
         "model": model, "objective": problem.objective, "abits": problem.abits, "choices": list(problem.choices),
         "total_params": int(problem.params.sum()), "total_macs": int(problem.macs.sum()),
-        "layers": [{"name": name, "params": int(params), "macs": int(macs), "least_bits": int(floor),
+        "layers": [{"name": name, "params": int(params), "macs": int(macs),
                     "sensitivity": dict(zip(map(str, found.measured_bits), row.tolist()))}
-                   for name, params, macs, floor, row in zip(problem.layers, problem.params, problem.macs,
-                                                             problem.floor, found.kl)],
+                   for name, params, macs, row in zip(problem.layers, problem.params, problem.macs, found.kl)],
         "frontier": points, "uniform": uniform, "chosen": chosen, "budget": budget,
         "calibration_images": calibration_images, "held_out_images": held_out_images,
         "timings": timings, "notes": NOTES,

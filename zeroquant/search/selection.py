@@ -37,7 +37,7 @@ class Candidate:
 
 def budget_candidates(found: Search, budget: Budget) -> list[Candidate]:
     """The frontier point with the least estimated sensitivity within the budget and, to measure it against, the
-    largest uniform configuration within the budget (the same per-layer floors), when they differ."""
+    largest uniform configuration within the budget, when they differ."""
     front, problem = found.front, found.problem
     cost = budget.cost(problem)
     index = choose(front, cost)

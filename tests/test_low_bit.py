@@ -51,13 +51,13 @@ def test_a_batch_size_read_from_the_input_does_not_merge_all_blocks():
     assert [len(b.layers) for b in blocks] == [1, 1, 1]
 
 
-@pytest.mark.parametrize("reconstruct, weight_bits, activation_bits, runs", [
-    ("auto", 4, 8, False), ("auto", 8, 8, False), ("auto", 4, 4, True), ("auto", 8, 6, True), ("auto", 3, 8, True),
-    ("on", 8, 8, True), ("off", 2, 2, False)])
-def test_reconstruction_runs_by_default_only_where_it_measured_better(reconstruct, weight_bits, activation_bits, runs):
-    """auto: not at W4A8 (Lite0 81.6 % GPTQ alone in 4 min, 81.8 % reconstructed in 35), but below 8-bit
-    activations (ResNet-20 W4A4 -10.6 -> -3.6) or 4-bit weights."""
-    assert QuantizeOptions(reconstruct=reconstruct).reconstructs(weight_bits, activation_bits) is runs
+@pytest.mark.parametrize("reconstruct, activation_bits, runs", [
+    ("auto", 8, False), ("auto", 4, True), ("auto", 6, True), ("on", 8, True), ("off", 2, False)])
+def test_reconstruction_runs_by_default_only_where_it_measured_better(reconstruct, activation_bits, runs):
+    """auto: not with 8-bit activations, whatever the weights (Lite0 W4A8 81.6 % GPTQ alone in 4 min, 81.8 %
+    reconstructed in 35; ResNet-20 W2A8 75.38 / 75.58 % in 33 / 117 s), but below them (ResNet-20 W4A4 -10.6 ->
+    -3.6)."""
+    assert QuantizeOptions(reconstruct=reconstruct).reconstructs(activation_bits) is runs
 
 
 def test_w4a8_by_default_is_gptq_without_reconstruction(tmp_path):

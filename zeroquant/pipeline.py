@@ -266,7 +266,7 @@ def _simulate(job: Job, folded: torch.fx.GraphModule, calib: CalibSet, layer_bit
             correct_biases(sim, calib.images, analytic=correction == "statistics")
         lap("bias_correction")
     reconstruction = []
-    if options.reconstructs(weight_bits, activation_bits):
+    if options.reconstructs(activation_bits):
         reconstruction = reconstruct(sim, calib.images, options.effort, options.seed, progress,
                                      workers=job.workers)
         lap("reconstruct")

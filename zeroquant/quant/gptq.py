@@ -76,9 +76,8 @@ def gptq_layers(sim: QuantSim, rounding: str) -> list[str]:
     Lite0 W4A8 on the 500 photos, 85.6 % top-1 and 91.0 % agreement against 81.6 / 87.8 with GPTQ on its 4-bit layers
     only (FP32 88.2). A W8A8 model gains less for 4x the rounding time: Lite0 99.4 % agreement against nearest
     rounding's 98.8, 109 s against 25 s with cached images (`--rounding gptq` asks for it)."""
-    if rounding == "auto":
-        return list(sim.layers) if min(sim.fewest_bits()) < 8 else []
-    return [name for name, layer in sim.layers.items() if uses_gptq(rounding, layer.bits)]
+    rounds_all = min(sim.fewest_bits()) < 8 if rounding == "auto" else rounding == "gptq"
+    return list(sim.layers) if rounds_all else []
 
 
 class _Stop(Exception):

@@ -24,6 +24,7 @@ class DistillSettings:
     lr: float = 0.2
     seed: int = 0
     pixel_range: tuple | None = None  # per channel (low, high), or one (low, high) for all: what pixels can be
+    precision: str = "float32"  # the arithmetic of the network's passes: float32 or bfloat16 (autocast)
 
     def key(self) -> dict:
         return dict(vars(self))

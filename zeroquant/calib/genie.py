@@ -130,7 +130,7 @@ class GenieDistiller:
     def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
                 indices: list[int]) -> dict[int, Batch]:
         device = torch.device(device)
-        matcher = BatchNormMatcher(graph_module, input_shape, device)
+        matcher = BatchNormMatcher(graph_module, input_shape, device, precision=settings.precision)
         swings = []
         if self.swing:
             names = swing_strided_convs(matcher.model, None, self.max_shift)

@@ -44,7 +44,7 @@ class InversionDistiller:
     def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
                 indices: list[int]) -> dict[int, Batch]:
         device = torch.device(device)
-        matcher = BatchNormMatcher(graph_module, input_shape, device)
+        matcher = BatchNormMatcher(graph_module, input_shape, device, precision=settings.precision)
         matcher.taps[0].emphasis = self.first_bn
         smoothing = self.smoothing(input_shape)
         low, high = _channel_bounds(settings.pixel_range, input_shape[0], device)

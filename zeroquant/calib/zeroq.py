@@ -16,7 +16,7 @@ class ZeroQDistiller:
 
     def distill(self, graph_module, input_shape, settings: DistillSettings, device, progress,
                 indices: list[int]) -> dict[int, Batch]:
-        matcher = BatchNormMatcher(graph_module, input_shape, device)
+        matcher = BatchNormMatcher(graph_module, input_shape, device, precision=settings.precision)
 
         def distill_batch(size: int, generator: torch.Generator, advance) -> torch.Tensor:
             images = torch.randn(size, *input_shape, generator=generator).to(device).requires_grad_(True)

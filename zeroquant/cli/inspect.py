@@ -11,7 +11,8 @@ from zeroquant.cli.output import key_value_table, print_json, progress_display, 
 
 
 @flags.takes_options("input_range", "wbits", "abits", "method", "ranges", "images", "iterations", "batch_size", "seed",
-                     "device", "keep_first_last", "keep_depthwise", "reconstruct", "effort", "target_cpu")
+                     "device", "distill_precision", "keep_first_last", "keep_depthwise", "reconstruct", "effort",
+                     "target_cpu")
 def inspect(
     source: dict,
     options: dict,

@@ -14,7 +14,8 @@ from zeroquant.cli.output import print_json, progress_display, stdout
 
 
 @flags.takes_options("input_range", "wbits_choices", "abits", "objective", "budget", "method", "ranges", "images",
-                     "iterations", "batch_size", "seed", "device", "keep_first_last", "target_cpu", "cache", helps={
+                     "iterations", "batch_size", "seed", "device", "distill_precision", "keep_first_last", "target_cpu",
+                     "cache", helps={
                          "wbits_choices": "Candidate weight bits per layer.",
                          "abits": "Activation bits (uniform, not searched).",
                          "budget": "Mark the best point within: average bits (4.5; MAC-weighted for bops) or a size "

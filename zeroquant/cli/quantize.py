@@ -18,9 +18,9 @@ def default_output(model: str, budget: str | None, wbits: int, abits: int) -> Pa
 
 
 @flags.takes_options("input_range", "wbits", "abits", "budget", "wbits_choices", "objective", "method", "ranges",
-                     "images", "iterations", "batch_size", "lr", "seed", "device", "keep_first_last", "keep_depthwise",
-                     "rounding", "reconstruct", "effort", "bias_correction", "equalize", "pack_int4",
-                     "pad_channels", "parity_tolerance", "target_cpu", "cache")
+                     "images", "iterations", "batch_size", "lr", "seed", "device", "distill_precision",
+                     "keep_first_last", "keep_depthwise", "rounding", "reconstruct", "effort", "bias_correction",
+                     "equalize", "pack_int4", "pad_channels", "parity_tolerance", "target_cpu", "cache")
 def quantize(
     ctx: typer.Context,
     source: dict,
@@ -52,11 +52,13 @@ def quantize(
         print_json(report.to_dict())
         return
     census, parity, sizes = report.census, report.parity, report.sizes
+    distilled_in = report.distillation["settings"].get("precision")
     stdout.print(key_value_table(f"zeroquant: {report.model}", [
         ("output", f"{report.output} (+ .json report)"),
         ("bits", f"{_weight_bits(report.layers)}A{abits}, {len(report.layers)} conv/linear layers"
                  f"{f'; chosen for --budget {budget} (why: notes in the .json)' if budget else ''}"),
         ("calibration", f"{report.distillation['images']} {report.distillation['method']} images"
+                        f"{' distilled in bfloat16' if distilled_in == 'bfloat16' else ''}"
                         f"{' (cached)' if report.timings.get('distill_from_cache') else ''}"),
         ("integer MACs", f"{100 * census['integer_mac_fraction']:.1f} % "
                          f"({len(census['integer_layers'])}/{len(report.layers)} layers in integer kernels)"),
@@ -75,7 +77,8 @@ def _weight_bits(layers) -> str:
     return f"W{bits[0]}" if len(bits) == 1 else f"W{bits[0]}-{bits[-1]} (mixed) "
 
 
-@flags.takes_options("method", "images", "iterations", "batch_size", "lr", "seed", "device", "cache")
+@flags.takes_options("method", "images", "iterations", "batch_size", "lr", "seed", "device", "distill_precision",
+                     "cache")
 def distill(
     ctx: typer.Context,
     source: dict,

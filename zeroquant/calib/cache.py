@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cache
 from pathlib import Path
 
 from zeroquant.calib.calibset import CalibSet
@@ -17,8 +18,20 @@ def cache_dir() -> Path:
     return cache_root() / "calib"
 
 
+@cache
+def distiller_source() -> str:
+    """A hash of the code that makes the images (this package's modules). The model digest already holds
+    zeroquant's version; this also tells apart two builds of one version (a source checkout, a patched install),
+    which would otherwise reuse each other's images."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(model_digest: str, method: str, settings: dict, input_shape, device: str) -> str:
-    payload = json.dumps([FORMAT, model_digest, method, settings, list(input_shape), device], sort_keys=True)
+    payload = json.dumps([FORMAT, model_digest, distiller_source(), method, settings, list(input_shape), device],
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

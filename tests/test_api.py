@@ -248,3 +248,23 @@ def test_zoo_and_eval_commands(tmp_path, capsys):
     assert main(["eval", str(out), "--zoo", "resnet20_cifar10", "--preprocess", "cifar10"]) == 2
     assert "exactly one of --zoo NAME or --preprocess NAME" in capsys.readouterr().err
     onnx.checker.check_model(onnx.load(out))
+
+
+def test_the_distillation_precision_reaches_the_images_and_the_report(tmp_path, capsys):
+    """bfloat16 is opt-in (its images calibrated Lite0 W4A8 worse): asked for, it shapes the images, the cache key
+    and the report; float32 is the default."""
+    assert zeroquant.QuantizeOptions().distill_precision == "float32"
+    images = {p: zeroquant.distill(make_small_net(), input_shape=SHAPE, distill_precision=p, **FAST)
+              for p in ("float32", "bfloat16")}
+    assert not torch.equal(images["float32"], images["bfloat16"])
+    assert (images["float32"] - images["bfloat16"]).abs().mean() < 0.1 * images["float32"].abs().mean()
+    model = tmp_path / "small.pt2"
+    torch.export.save(torch.export.export(make_small_net(), (torch.randn(2, *SHAPE),)), model)
+    out = tmp_path / "m.onnx"
+    assert main(["quantize", str(model), "-o", str(out), "--distill-precision", "bfloat16", "--images", "8",
+                 "--batch-size", "8", "--iterations", "5", "--no-cache"]) == 0
+    assert "distilled in bfloat16" in capsys.readouterr().out
+    report = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert report["distillation"]["settings"]["precision"] == "bfloat16"
+    assert main(["quantize", str(model), "--distill-precision", "fp8"]) == 2
+    assert "unknown --distill-precision 'fp8'" in capsys.readouterr().err

@@ -1,25 +1,18 @@
 """The CPU a file is made for travels with it (issue 21): its weight grid is in the ONNX metadata, and bench, eval
 and the quantize report warn in one line when a file for int32 dot products runs on a CPU without them."""
 
-import json
-
 import onnx
 import pytest
-import torch
 
 import zeroquant
 import zeroquant.cpu
-import zeroquant.options
 from tests.conftest import make_small_net
 from zeroquant.cli.app import main
-from zeroquant.options import QuantizeOptions
 
 SHAPE = (3, 16, 16)
 FAST = dict(images=4, batch_size=4, iterations=3)
-AVX2_ONLY = {"cpu": "an AVX2 CPU", "avx2": True, "avx512": False, "vnni": False, "amx": False, "arm_dotprod": False,
-             "amx_bf16": False}
+AVX2_ONLY = {"cpu": "an AVX2 CPU", "avx2": True, "avx512": False, "vnni": False, "amx": False, "arm_dotprod": False}
 VNNI = AVX2_ONLY | {"avx512": True, "vnni": True}
-AMX = VNNI | {"amx": True, "amx_bf16": True}
 WARNING = "zeroquant: warning: this file was quantized for CPUs with int32 dot products"
 
 
@@ -65,29 +58,3 @@ def test_the_report_warns_when_quantized_for_int32_dot_here_without_them(monkeyp
     assert [note for note in notes if note.startswith("warning: this file was quantized for CPUs with int32")]
     auto = zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST).report.notes  # auto: portable here
     assert not [note for note in auto if note.startswith("warning:")]
-
-
-@pytest.mark.parametrize("cpu, device, auto", [(AMX, "cpu", "bfloat16"), (VNNI, "cpu", "float32"),
-                                               (AVX2_ONLY, "cpu", "float32"), (AMX, "cuda", "float32")])
-def test_distillation_runs_in_bfloat16_by_default_only_on_cpus_with_amx(monkeypatch, cpu, device, auto):
-    monkeypatch.setattr(zeroquant.options, "cpu_info", lambda: cpu)
-    assert QuantizeOptions().distill_arithmetic(torch.device(device)) == auto
-    for asked in ("float32", "bfloat16"):
-        assert QuantizeOptions(distill_precision=asked).distill_arithmetic(torch.device(device)) == asked
-
-
-def test_the_distillation_precision_reaches_the_images_and_the_report(tmp_path, capsys):
-    images = {p: zeroquant.distill(make_small_net(), input_shape=SHAPE, distill_precision=p, **FAST)
-              for p in ("float32", "bfloat16")}
-    assert not torch.equal(images["float32"], images["bfloat16"])
-    assert (images["float32"] - images["bfloat16"]).abs().mean() < 0.1 * images["float32"].abs().mean()
-    model = tmp_path / "small.pt2"
-    torch.export.save(torch.export.export(make_small_net(), (torch.randn(2, *SHAPE),)), model)
-    out = tmp_path / "m.onnx"
-    assert main(["quantize", str(model), "-o", str(out), "--distill-precision", "bfloat16", "--images", "4",
-                 "--batch-size", "4", "--iterations", "2", "--no-cache"]) == 0
-    assert "distilled in bfloat16" in capsys.readouterr().out
-    report = json.loads((tmp_path / "m.onnx.json").read_text())
-    assert report["distillation"]["settings"]["precision"] == "bfloat16"
-    assert main(["quantize", str(model), "--distill-precision", "fp8"]) == 2
-    assert "unknown --distill-precision 'fp8'" in capsys.readouterr().err

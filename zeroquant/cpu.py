@@ -23,7 +23,7 @@ def cpu_info() -> dict:
     return {"cpu": name.group(1).strip() if name else (platform.processor() or platform.machine() or "unknown"),
             "avx2": "avx2" in flags, "avx512": "avx512bw" in flags,
             "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), "amx": "amx_int8" in flags,
-            "arm_dotprod": "asimddp" in flags, "amx_bf16": "amx_bf16" in flags}
+            "arm_dotprod": "asimddp" in flags}
 
 
 def int32_dot_products(info: dict | None = None) -> bool:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-import torch
-
 from zeroquant.calib import DISTILLERS
-from zeroquant.cpu import cpu_flags, cpu_info, int32_dot_products
+from zeroquant.cpu import cpu_flags, int32_dot_products
 from zeroquant.errors import UsageError
 from zeroquant.quant.gptq import ROUNDINGS
 from zeroquant.quant.ranges import RANGE_METHODS
@@ -19,7 +17,7 @@ BIAS_CORRECTION = ("auto", "on", "analytic", "off")
 RECONSTRUCT = ("auto", "on", "off")
 TARGET_CPUS = ("auto", "int32-dot", "portable")
 DEVICES = ("auto", "cpu", "cuda")
-DISTILL_PRECISIONS = ("auto", "float32", "bfloat16")
+DISTILL_PRECISIONS = ("float32", "bfloat16")
 # the export check's default: beyond a tenth of the logit spread, rounding is not the usual cause
 PARITY_TOLERANCE = 0.1
 
@@ -48,10 +46,10 @@ class QuantizeOptions:
     lr: float = option(0.2, "Distillation learning rate.")
     seed: int = option(0, "Random seed; the same seed gives the same ONNX bytes.")
     device: str = option("auto", "auto, cpu or cuda.")
-    distill_precision: str = option("auto", "Arithmetic of distillation: float32, bfloat16 (autocast: convolutions "
-                                            "in bfloat16, the loss and the images' updates in float32) or auto "
-                                            "(bfloat16 on a CPU with AMX, where it measured about 2x faster with "
-                                            "images that calibrate as well; float32 elsewhere).")
+    distill_precision: str = option("float32", "Arithmetic of distillation: float32, or bfloat16 (autocast: "
+                                               "convolutions in bfloat16, the loss and the images' updates in "
+                                               "float32): about 2x faster on CPUs with AMX, but its gradients are "
+                                               "5 % off in direction and its images calibrated W4A8 worse.")
     input_range: tuple[float, float] | None = option(
         None, "LOW,HIGH: the range your preprocessing gives the model's input, e.g. -1,1 (default: a zoo entry's, "
               "else estimated from the first conv + BN).")
@@ -134,15 +132,6 @@ class QuantizeOptions:
         and W2A8 75.38 / 75.58 %, ResNet-32 --budget 3.5 82.66 % both, for 3.5-5x the time (benchmarks/RESULTS.md,
         "Reconstruction with 8-bit activations")."""
         return self.reconstruct == "on" or (self.reconstruct == "auto" and activation_bits < 8)
-
-    def distill_arithmetic(self, device: torch.device) -> str:
-        """The precision distillation runs in: auto takes bfloat16 only where it was measured to pay, on CPUs with
-        AMX (EfficientNet-Lite0, batch 32 x 224 px: 2.3 against 4.7 s a step; benchmarks/RESULTS.md). Elsewhere
-        float32: without AMX the bfloat16 convolutions are not known to be faster here, and on CUDA float32 is
-        already fast."""
-        if self.distill_precision != "auto":
-            return self.distill_precision
-        return "bfloat16" if device.type == "cpu" and cpu_info()["amx_bf16"] else "float32"
 
     def budget_limit(self) -> Budget | None:
         return parse_budget(self.budget, self.wbits_choices, self.objective) if self.budget is not None else None

@@ -102,13 +102,12 @@ def _shape(input_shape) -> tuple[int, int, int] | None:
 def distill_set(job: Job, seed: int | None = None, images: int | None = None) -> tuple[CalibSet, bool]:
     """The distilled calibration set (from the cache when it was made before) and whether it came from the cache."""
     options = job.options
-    device = resolve_device(options.device)
     settings = DistillSettings(images or options.images, options.batch_size,
                                options.iterations or calibration_sets.default_iterations(job.shape), options.lr,
-                               options.seed if seed is None else seed, pixel_range(job),
-                               options.distill_arithmetic(device))
-    return calibration_sets.distill(job.graph_module, job.shape, options.method, settings, device,
-                                    job.captured.digest, options.cache, job.progress, job.workers)
+                               options.seed if seed is None else seed, pixel_range(job), options.distill_precision)
+    return calibration_sets.distill(job.graph_module, job.shape, options.method, settings,
+                                    resolve_device(options.device), job.captured.digest, options.cache, job.progress,
+                                    job.workers)
 
 
 def pixel_range(job: Job) -> tuple | None:

@@ -6,7 +6,7 @@ import torch
 
 from tests.conftest import make_small_net
 from zeroquant.calib import DISTILLERS, DistillSettings
-from zeroquant.calib.matching import BatchNormMatcher, _moments
+from zeroquant.calib.matching import BatchNormMatcher
 from zeroquant.graph.capture import capture
 from zeroquant.progress import SILENT
 
@@ -65,7 +65,7 @@ def test_a_batch_depends_only_on_the_seed_and_its_index(graph, method):
 def test_bfloat16_steps_follow_the_float32_loss_and_gradient_and_keep_half_the_activations(graph):
     """Autocast runs the convolutions in bfloat16 (AMX's fast path): the loss and its gradient stay those of float32
     to bfloat16's precision, micro-batches still add up to the whole batch, the reported loss is float32's, and each
-    image keeps fewer bytes for the backward pass (Lite0: 0.66x), so more of a batch fits in one pass."""
+    image keeps about half the bytes for the backward pass, so more of a batch fits in one pass."""
     images = torch.randn(12, *SHAPE, generator=torch.Generator().manual_seed(0))
     exact = BatchNormMatcher(graph, SHAPE, CPU).step(images)
     whole = BatchNormMatcher(graph, SHAPE, CPU, precision="bfloat16")
@@ -79,19 +79,9 @@ def test_bfloat16_steps_follow_the_float32_loss_and_gradient_and_keep_half_the_a
         assert cosine > 0.99
     assert split.loss == pytest.approx(full.loss, rel=1e-3)
     assert whole.measure(images)[0] == pytest.approx(exact.loss, rel=1e-5)  # the reported loss is float32's
-    assert whole.bytes_per_image(SHAPE) < 0.8 * BatchNormMatcher(graph, SHAPE, CPU).bytes_per_image(SHAPE)
+    assert whole.bytes_per_image(SHAPE) < 0.7 * BatchNormMatcher(graph, SHAPE, CPU).bytes_per_image(SHAPE)
 
 
 def test_the_precision_is_part_of_the_settings_that_key_the_cache():
     assert DistillSettings(precision="bfloat16").key() != DistillSettings().key()
 
-
-def test_bfloat16_activations_give_float32_statistics():
-    """An activation far from zero (mean 100, std 1): rounded to bfloat16 its mean would be off by up to 0.25, as
-    large as what matching still has to remove; summed into float32 it is exact to the values' own precision."""
-    x = (100 + torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))).bfloat16()
-    mean, var = _moments(x, [0, 2, 3])
-    wide = x.double()
-    assert mean.dtype == var.dtype == torch.float32
-    torch.testing.assert_close(mean.double(), wide.mean((0, 2, 3)), rtol=1e-6, atol=0)
-    torch.testing.assert_close(var.double(), wide.var((0, 2, 3), unbiased=False), rtol=2e-3, atol=0)

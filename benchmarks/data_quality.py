@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from zeroquant import calib as calibration_sets
 from zeroquant.calib.calibset import CalibSet, DistillSettings
+from zeroquant.cpu import cpu_flags
 from zeroquant.evaluate.accuracy import evaluate_logits
 from zeroquant.evaluate.datasets import ImageSet, dataset_for_zoo, load_image_folder
 from zeroquant.options import QuantizeOptions
@@ -48,7 +49,7 @@ from zeroquant.zoo.registry import zoo_entry
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_file import provenance, provenance_lines, write_section  # noqa: E402  (a sibling script)
+from results_file import provenance, write_section  # noqa: E402  (a sibling script)
 
 JSON = HERE / "data_quality.json"
 RULER = {"efficientnet_lite0": (4, 8), "resnet20_cifar10": (4, 4), "resnet32_cifar10": (4, 4)}
@@ -184,6 +185,13 @@ def run(args) -> None:
     write_section(HERE / "RESULTS.md", "data_quality", markdown(rows))
 
 
+def run_of(row: dict) -> tuple[str, str, str]:
+    """What tells two runs apart: the code, the command and the machine (rows of one table can come from CPUs whose
+    float kernels round differently, which moves a low-bit model's top-1 by points)."""
+    m = row["machine"]
+    return row["versions"]["zeroquant"], row["command"], f"{m['cpu']}, {m['cores']} cores, {cpu_flags(m)}"
+
+
 def markdown(rows: dict) -> str:
     lines = ["## Calibration data quality: one quantizer, only the images change", "",
              "The ruler: GPTQ rounding, calibration only; depthwise, first and last layers at 8 bits. Scored "
@@ -202,8 +210,7 @@ def markdown(rows: dict) -> str:
     for (model, _, count, seed), group in sorted(by_model.items()):
         real = next((r for r in group if r["source"] == "real"), None)
         first = group[0]
-        runs = list(dict.fromkeys((r["versions"]["zeroquant"], r["command"])
-                                  for r in sorted(group, key=lambda r: r["date"])))  # in order of first row
+        runs = list(dict.fromkeys(run_of(r) for r in sorted(group, key=lambda r: r["date"])))  # in order of first row
         lines += [f"### {model}, {first['ruler']}, {count} images, seed {seed} (FP32 top-1 {first['fp32_top1']:.2f} "
                   f"on {first['eval_images']} images)", "",
                   "| source | top-1 | drop | gap to real | agreement % | KL | seconds | images/s | run |",
@@ -213,12 +220,11 @@ def markdown(rows: dict) -> str:
             rate = f"{r['images_per_s']:.3f}" if r["images_per_s"] else "–"
             lines.append(f"| {r['source']} | {r['top1']:.2f} | {r['drop']:.2f} | {gap} | {r['agreement']:.1f} | "
                          f"{r['kl']:.3f} | {r['seconds']:.0f} | {rate} | "
-                         f"{runs.index((r['versions']['zeroquant'], r['command'])) + 1} |")
-        latest = max(group, key=lambda r: r["date"])
-        v = latest["versions"]
-        lines += ["", provenance_lines(latest)[1], f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, "
-                  f"onnx {v['onnx']}",
-                  *(f"- run {i}: zeroquant {version}: `{command}`" for i, (version, command) in enumerate(runs, 1)),
+                         f"{runs.index(run_of(r)) + 1} |")
+        v = max(group, key=lambda r: r["date"])["versions"]
+        lines += ["", f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}",
+                  *(f"- run {i}: zeroquant {version} on {cpu}: `{command}`"
+                    for i, (version, command, cpu) in enumerate(runs, 1)),
                   f"- dates: {min(r['date'] for r in group)[:16]} to {max(r['date'] for r in group)[:16]}", ""]
     return "\n".join(lines)
 

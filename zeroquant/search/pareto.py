@@ -37,18 +37,13 @@ class Problem:
     abits: int = 8
     objective: str = "size"
 
-    @property
-    def bits(self) -> np.ndarray:
-        """Bits of every (layer, choice)."""
-        return np.broadcast_to(np.array(self.choices, np.int64), (len(self.layers), len(self.choices)))
-
     def per_bit(self, objective: str | None = None) -> np.ndarray:
         """Cost of one weight bit in each layer: its weights (size), or its MACs times the activation bits (BOPs)."""
         return self.params if (objective or self.objective) == "size" else self.macs * self.abits
 
     def costs(self, objective: str | None = None) -> np.ndarray:
         """Cost of every (layer, choice): size in bits, or bit operations for one image."""
-        return (self.per_bit(objective)[:, None] * self.bits).astype(np.int64)
+        return (self.per_bit(objective)[:, None] * np.array(self.choices)[None, :]).astype(np.int64)
 
     @property
     def unit(self) -> int:
@@ -59,7 +54,7 @@ class Problem:
         """A configuration (one choice index per layer) with everything pareto.json says about it."""
         rows = np.arange(len(self.layers))
         size, bops = self.costs("size")[rows, index].sum(), self.costs("bops")[rows, index].sum()
-        return {"bits": dict(zip(self.layers, self.bits[rows, index].tolist())),
+        return {"bits": dict(zip(self.layers, np.array(self.choices)[index].tolist())),
                 "average_bits": round(float(size / self.params.sum()), 4), "size_bytes": int(size) / 8,
                 "bops": int(bops), "sensitivity": float(self.sensitivity[rows, index].sum())}
 

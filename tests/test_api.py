@@ -49,6 +49,14 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "model.onnx.json").is_file() and (tmp_path / "pareto.png").stat().st_size > 10_000
 
 
+def small_archive(folder: Path) -> Path:
+    """The small net saved as a torch.export archive with a dynamic batch, as users save theirs."""
+    path = folder / "small.pt2"
+    torch.export.save(torch.export.export(make_small_net(), (torch.randn(2, *SHAPE),),
+                                          dynamic_shapes=({0: torch.export.Dim("b")},)), path)
+    return path
+
+
 def test_module_program_and_file_give_the_same_model(tmp_path):
     model = make_small_net()
     program = torch.export.export(model, (torch.randn(2, *SHAPE),), dynamic_shapes=({0: torch.export.Dim("b")},))
@@ -89,9 +97,7 @@ def test_progress_callback_and_silence(tmp_path, capfd):
 
 
 def test_stage_lines_when_stderr_is_not_a_terminal(tmp_path):
-    model = tmp_path / "small.pt2"
-    torch.export.save(torch.export.export(make_small_net(), (torch.randn(2, *SHAPE),),
-                                          dynamic_shapes=({0: torch.export.Dim("b")},)), model)
+    model = small_archive(tmp_path)
     done = subprocess.run([Path(sys.executable).with_name("zeroquant"), "quantize", str(model), "-o",
                            str(tmp_path / "m.onnx"), "--images", "8", "--batch-size", "8", "--iterations", "5"],
                           capture_output=True, text=True, timeout=300,
@@ -179,9 +185,7 @@ def corrupted_export(monkeypatch):
 
 def test_verification_failure_exits_5_and_writes_nothing(tmp_path, corrupted_export, capsys):
     """An export that no longer computes what the simulation does must be refused, not written."""
-    model = tmp_path / "small.pt2"
-    torch.export.save(torch.export.export(make_small_net(), (torch.randn(2, *SHAPE),),
-                                          dynamic_shapes=({0: torch.export.Dim("b")},)), model)
+    model = small_archive(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     code = main(["quantize", str(model), "-o", str(out / "m.onnx"), "--float-output", str(out / "f.onnx"),
@@ -258,8 +262,7 @@ def test_the_distillation_precision_reaches_the_images_and_the_report(tmp_path, 
               for p in ("float32", "bfloat16")}
     assert not torch.equal(images["float32"], images["bfloat16"])
     assert (images["float32"] - images["bfloat16"]).abs().mean() < 0.1 * images["float32"].abs().mean()
-    model = tmp_path / "small.pt2"
-    torch.export.save(torch.export.export(make_small_net(), (torch.randn(2, *SHAPE),)), model)
+    model = small_archive(tmp_path)
     out = tmp_path / "m.onnx"
     assert main(["quantize", str(model), "-o", str(out), "--distill-precision", "bfloat16", "--images", "8",
                  "--batch-size", "8", "--iterations", "5", "--no-cache"]) == 0

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from zeroquant import calib as calibration_sets
 from zeroquant.calib.calibset import CalibSet, DistillSettings
-from zeroquant.cpu import cpu_flags
 from zeroquant.evaluate.accuracy import evaluate_logits
 from zeroquant.evaluate.datasets import ImageSet, dataset_for_zoo, load_image_folder
 from zeroquant.options import QuantizeOptions
@@ -49,7 +48,7 @@ from zeroquant.zoo.registry import zoo_entry
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_file import provenance, write_section  # noqa: E402  (a sibling script)
+from results_file import machine_text, provenance, write_section  # noqa: E402  (a sibling script)
 
 JSON = HERE / "data_quality.json"
 RULER = {"efficientnet_lite0": (4, 8), "resnet20_cifar10": (4, 4), "resnet32_cifar10": (4, 4)}
@@ -188,8 +187,7 @@ def run(args) -> None:
 def run_of(row: dict) -> tuple[str, str, str]:
     """What tells two runs apart: the code, the command and the machine (rows of one table can come from CPUs whose
     float kernels round differently, which moves a low-bit model's top-1 by points)."""
-    m = row["machine"]
-    return row["versions"]["zeroquant"], row["command"], f"{m['cpu']}, {m['cores']} cores, {cpu_flags(m)}"
+    return row["versions"]["zeroquant"], row["command"], machine_text(row["machine"])
 
 
 def markdown(rows: dict) -> str:

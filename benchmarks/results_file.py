@@ -48,12 +48,17 @@ def provenance() -> dict:
             "versions": versions(), "command": shlex.join(["python", *sys.argv])}
 
 
+def machine_text(machine: dict) -> str:
+    """'Intel(R) Xeon(R) Processor, 2 cores, AVX2 yes, ...': the CPU and the flags its latency figures depend on."""
+    return f"{machine['cpu']}, {machine['cores']} cores, {cpu_flags(machine)}"
+
+
 def provenance_lines(results: dict) -> list[str]:
     m, v = results["machine"], results["versions"]
     return [
         f"- date: {results['date']}"
         + (f"; whole run {results['wall_s'] / 60:.1f} min" if "wall_s" in results else ""),
-        f"- machine: {m['cpu']}, {m['cores']} cores, {cpu_flags(m)}; load average at start "
+        f"- machine: {machine_text(m)}; load average at start "
         f"{', '.join(f'{x:.1f}' for x in m['load_average'])}",
         f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, zeroquant {v['zeroquant']}",
         f"- command: `{results['command']}`",

@@ -170,6 +170,18 @@ def test_a_damaged_cache_entry_is_distilled_again(tmp_path, monkeypatch):
     assert zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST).report.timings["distill_from_cache"]
 
 
+def test_images_cached_by_other_distiller_code_are_not_reused(tmp_path, monkeypatch):
+    """Two builds of one zeroquant version (a source checkout, a patched install) differ in the calib package's code:
+    the second must distil its own images, not take the first one's from the cache."""
+    monkeypatch.setenv("ZEROQUANT_CACHE", str(tmp_path / "cache"))
+    zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST)
+    assert zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST).report.timings["distill_from_cache"]
+    source = cache.distiller_source()
+    assert source == cache.distiller_source.__wrapped__()  # a hash of the files, the same each time it is read
+    monkeypatch.setattr(cache, "distiller_source", lambda: source[::-1])  # what an edited inversion.py gives
+    assert not zeroquant.quantize(make_small_net(), input_shape=SHAPE, **FAST).report.timings["distill_from_cache"]
+
+
 @pytest.fixture
 def corrupted_export(monkeypatch):
     """An export that no longer computes what the simulation does: every layer's weights negated."""

@@ -139,13 +139,17 @@ def logits_of(module, images: np.ndarray, batch: int = 125) -> torch.Tensor:
         return torch.cat([module(torch.from_numpy(images[i:i + batch])) for i in range(0, len(images), batch)])
 
 
-def score(job, images: torch.Tensor, test: ImageSet, reference: torch.Tensor) -> dict:
-    prepared = prepare(job, images)
-    logits = logits_of(prepared.sim, test.images)
-    top1, _, agreement = evaluate_logits(logits.numpy(), test.labels, reference.numpy())
+def fidelity(logits: torch.Tensor, reference: torch.Tensor, labels) -> dict:
+    """Top-1, top-1 agreement with the float model and mean KL from its outputs."""
+    top1, _, agreement = evaluate_logits(logits.numpy(), labels, reference.numpy())
     kl = F.kl_div(F.log_softmax(logits.double(), 1), F.log_softmax(reference.double(), 1), log_target=True,
                   reduction="batchmean")
-    return {"top1": round(top1, 2), "agreement": round(agreement, 2), "kl": round(float(kl), 4),
+    return {"top1": round(top1, 2), "agreement": round(agreement, 2), "kl": round(float(kl), 4)}
+
+
+def score(job, images: torch.Tensor, test: ImageSet, reference: torch.Tensor) -> dict:
+    prepared = prepare(job, images)
+    return {**fidelity(logits_of(prepared.sim, test.images), reference, test.labels),
             "bias_correction": bias_correction(job.options, prepared.sim)}
 
 

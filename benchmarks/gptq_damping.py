@@ -17,17 +17,22 @@ kept whole).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from zeroquant.evaluate.accuracy import evaluate_logits
 from zeroquant.evaluate.datasets import dataset_for_zoo
 from zeroquant.options import QuantizeOptions
 from zeroquant.pipeline import distill_set, prepare, start
 from zeroquant.quant import gptq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_quality import fidelity, logits_of  # noqa: E402  (a sibling script)
 
 ROUND_LAYER, DAMPING = gptq.round_layer, gptq.DAMPING
 
@@ -47,24 +52,18 @@ def regularised(variant: str):
             shrink = {"diag": 1.0, "full": 0.0, "shrink": max(0.0, 1 - inputs.samples / (2 * columns))}[value]
             diagonal = torch.diag_embed(torch.diagonal(inputs.matrix, dim1=1, dim2=2))
             matrix = (1 - shrink) * inputs.matrix + shrink * diagonal
-            inputs = gptq.InputHessian(matrix, inputs.samples, inputs.target)
-            inputs.samples = int(gptq.MIN_SAMPLES_PER_COLUMN * columns) + 1  # passes round_layer's sampling check
+            passing = int(gptq.MIN_SAMPLES_PER_COLUMN * columns) + 1  # passes round_layer's sampling check
+            inputs = gptq.InputHessian(matrix, passing, inputs.target)
         return ROUND_LAYER(layer, inputs, search_scales)
 
     return round_layer
 
 
-def logits_of(module, images, batch: int = 125) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([module(torch.from_numpy(images[i:i + batch])) for i in range(0, len(images), batch)])
-
-
 def scores(logits: torch.Tensor, reference: torch.Tensor, labels) -> list[float]:
-    top1, _, agreement = evaluate_logits(logits.numpy(), labels, reference.numpy())
+    """[top-1, drop against FP32, agreement, KL]."""
+    measured = fidelity(logits, reference, labels)
     fp32 = evaluate_logits(reference.numpy(), labels)[0]
-    kl = F.kl_div(F.log_softmax(logits.double(), 1), F.log_softmax(reference.double(), 1), log_target=True,
-                  reduction="batchmean")
-    return [round(top1, 2), round(fp32 - top1, 2), round(agreement, 2), round(float(kl), 4)]
+    return [measured["top1"], round(fp32 - measured["top1"], 2), measured["agreement"], measured["kl"]]
 
 
 def main() -> None:
@@ -76,10 +75,11 @@ def main() -> None:
     parser.add_argument("--reconstruct", default="auto")
     args = parser.parse_args()
     data = dataset_for_zoo(args.model)
+    options = QuantizeOptions(wbits=4, abits=args.abits, reconstruct=args.reconstruct)
+    captured = start(f"zoo:{args.model}", None, options, {})
+    reference = logits_of(captured.graph_module, data.images)
     for seed in args.seeds:
-        options = QuantizeOptions(wbits=4, abits=args.abits, reconstruct=args.reconstruct, seed=seed)
-        job = start(f"zoo:{args.model}", None, options, {})
-        reference = logits_of(job.graph_module, data.images)
+        job = dataclasses.replace(captured, options=dataclasses.replace(options, seed=seed))
         images = distill_set(job)[0]
         for variant in args.variants.split(","):
             gptq.round_layer = regularised(variant)
